@@ -1,0 +1,129 @@
+"""`stepaudio2` command line: tiny checkpoints and the reference pipeline (later: export, serve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stepaudio2.errors import StepAudio2Error
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; the gRPC client reuses the same names."""
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args: argparse.Namespace, task: str | None):
+    """Task preset defaults, overridden by whichever flags were given."""
+    from stepaudio2.engines.sampling import SamplingParams
+    from stepaudio2.text import TASKS
+
+    values: dict = dict(TASKS[task].sampling) if task in TASKS else {}
+    for flag in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        v = getattr(args, flag)
+        if v is not None:
+            values[flag] = v
+    return SamplingParams.from_dict(values)
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from stepaudio2.export.tiny import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset)
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stepaudio2.pipeline import GenerationRequest, GenerationResult, ReferencePipeline, load_audio_input
+    from stepaudio2.text import TextDelta
+
+    pipe = ReferencePipeline(args.checkpoint, engine=args.engine)
+    request = GenerationRequest(
+        task=args.task,
+        text=args.text,
+        audio=load_audio_input(args.audio) if args.audio else None,
+        tools=_load_tools(args.tools),
+        speed=args.speed,
+        voice=args.voice,
+        target_language=args.target_language,
+        sampling=sampling_from_args(args, args.task),
+    )
+    result = None
+    for item in pipe.stream(request):
+        if isinstance(item, GenerationResult):
+            result = item
+        elif isinstance(item, TextDelta) and not args.json:
+            sys.stdout.write(item.text)
+            sys.stdout.flush()
+    assert result is not None
+    if args.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print()
+        if result.audio_codes:
+            print(f"[{len(result.audio_codes)} audio codes]")
+        for call in result.tool_calls:
+            print(f"[tool call] {json.dumps(call, ensure_ascii=False)}")
+        print(
+            f"[{len(result.token_ids)} tokens, {result.finish_reason}; "
+            f"first token {result.time_to_first_token_s * 1000:.0f} ms, total {result.total_s:.2f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _load_tools(spec: str | None) -> list[dict] | None:
+    if not spec:
+        return None
+    from stepaudio2.text import WEB_SEARCH_TOOL
+
+    if spec == "web_search":
+        return [WEB_SEARCH_TOOL]
+    return json.loads(Path(spec).read_text(encoding="utf-8"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stepaudio2", description="Step-Audio-2-mini on Triton: core tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny", help="write a random tiny checkpoint in the real layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("generate", help="run the in-process reference pipeline")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--task", default="chat")
+    p.add_argument("--audio", help="input wav (any rate; stereo uses channel 0)")
+    p.add_argument("--text", help="text input (the human turn)")
+    p.add_argument("--tools", help="'web_search' or a JSON file with OpenAI-style tool schemas")
+    p.add_argument("--speed", choices=["slow", "normal", "fast"])
+    p.add_argument("--voice", choices=["female", "male"])
+    p.add_argument("--target-language", dest="target_language")
+    p.add_argument("--engine", default="torch")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StepAudio2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Shared fixtures: one tiny checkpoint per test session (made from a seed in seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "stepaudio2" / "assets"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stepaudio2.export.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0, preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    from stepaudio2.models.step_audio2 import load_model
+
+    return load_model(tiny_checkpoint)
