@@ -103,12 +103,12 @@ def _write_shards(state: dict, out: Path, num_shards: int) -> None:
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
     """Write a random checkpoint with the real layout into `out_dir` and return its path."""
     import torch
-    from stepaudio2.text.build import write_tokenizer_files
-    from stepaudio2.text.tokenizer import StepAudio2Tokenizer
 
     from stepaudio2.config import parse_config
     from stepaudio2.errors import InvalidInputError
     from stepaudio2.models.step_audio2 import StepAudio2ForCausalLM
+    from stepaudio2.text.build import write_tokenizer_files
+    from stepaudio2.text.tokenizer import StepAudio2Tokenizer
 
     if preset not in PRESETS:
         raise InvalidInputError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")

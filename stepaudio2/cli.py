@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stepaudio2.pipeline import GenerationRequest, GenerationResult, ReferencePipeline, load_audio_input
     from stepaudio2.text import TextDelta
 
-    pipe = ReferencePipeline(args.checkpoint, engine=args.engine)
+    pipe = ReferencePipeline(args.checkpoint, engine=args.engine, repository=args.repository)
     request = GenerationRequest(
         task=args.task,
         text=args.text,
@@ -80,6 +80,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from stepaudio2.export.repository import export_checkpoint
+
+    manifest = export_checkpoint(args.checkpoint, args.repository, precision=args.precision, force=args.force)
+    if manifest.get("skipped"):
+        print(f"{args.repository}: up to date with {args.checkpoint} (nothing to do)")
+    else:
+        graphs = ", ".join(manifest["graphs"])
+        print(f"exported {graphs} into {args.repository} in {manifest['export_seconds']} s")
+    return 0
+
+
 def _load_tools(spec: str | None) -> list[dict] | None:
     if not spec:
         return None
@@ -109,10 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", choices=["slow", "normal", "fast"])
     p.add_argument("--voice", choices=["female", "male"])
     p.add_argument("--target-language", dest="target_language")
-    p.add_argument("--engine", default="torch")
+    p.add_argument("--engine", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--repository", help="model repository for --engine onnx (default: beside the checkpoint)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export the checkpoint to ONNX inside a Triton model repository")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--force", action="store_true", help="re-export even if the manifest says up to date")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -78,6 +78,26 @@ class Prompt:
     messages: list[dict]
 
 
+def _fill_audio_items(messages: list[dict], chunks: list[int] | None) -> list[dict]:
+    """Explicit messages mark where the request's audio goes with {"type": "audio"}; fill in its chunk counts."""
+    out, used = [], False
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if isinstance(item, dict) and item.get("type") == "audio" and "chunks" not in item:
+                    if chunks is None or used:
+                        raise InvalidInputError("a message has an audio item but the request carries no (more) audio")
+                    item, used = {"type": "audio", "chunks": list(chunks)}, True
+                items.append(item)
+            msg = {**msg, "content": items}
+        out.append(msg)
+    if chunks is not None and not used:
+        raise InvalidInputError("the request carries audio but no message has an {'type': 'audio'} item for it")
+    return out
+
+
 def tool_call_dict(call: Any) -> dict[str, Any]:
     out = {"name": call.name, "arguments": call.arguments}
     if getattr(call, "error", None):
@@ -88,24 +108,26 @@ def tool_call_dict(call: Any) -> dict[str, Any]:
 class ReferencePipeline:
     """Runs one request at a time on the torch modules of a checkpoint directory."""
 
-    def __init__(self, checkpoint_dir: str | Path, engine: str = "torch") -> None:
+    def __init__(
+        self, checkpoint_dir: str | Path, engine: str = "torch", repository: str | Path | None = None
+    ) -> None:
         from stepaudio2.config import load_config
         from stepaudio2.text import StepAudio2Tokenizer
 
-        if engine != "torch":
-            raise InvalidInputError(f"unknown engine '{engine}' (available: torch)")
+        self.engine = engine
+        self.repository = repository
         self.checkpoint_dir = Path(checkpoint_dir)
         self.config = load_config(self.checkpoint_dir)
         self.tokenizer = StepAudio2Tokenizer.from_dir(self.checkpoint_dir)
-        self._model = None
+        self._backend = None
 
     @property
-    def model(self):  # loaded on first use so prompt-only callers stay light
-        if self._model is None:
-            from stepaudio2.models.step_audio2 import load_model
+    def backend(self):  # loaded on first use so prompt-only callers stay light
+        if self._backend is None:
+            from stepaudio2.engines.llm import make_backend
 
-            self._model = load_model(self.checkpoint_dir)
-        return self._model
+            self._backend = make_backend(self.checkpoint_dir, self.engine, self.repository)
+        return self._backend
 
     def stop_ids(self, params: SamplingParams) -> set[int]:
         sp = self.tokenizer.special
@@ -126,9 +148,8 @@ class ReferencePipeline:
             feats = prepare_audio(request.audio.samples, request.audio.sample_rate)
             mels, lengths, chunks = list(feats.mels), list(feats.valid_lengths), list(feats.placeholder_counts)
         if request.messages is not None:
-            if request.audio is not None:
-                raise InvalidInputError("give audio inside 'messages' or as 'audio', not both")
-            messages, generation = request.messages, request.generation or "text"
+            messages = _fill_audio_items(request.messages, chunks)
+            generation = request.generation or "text"
             if generation not in ("text", "speech"):
                 raise InvalidInputError(f"unknown generation mode '{generation}' (text or speech)")
         else:
@@ -151,59 +172,42 @@ class ReferencePipeline:
             )
         return Prompt(encoded.ids, list(encoded.audio_spans), mels, lengths, generation, messages)
 
-    def prompt_embeddings(self, prompt: Prompt):  # -> torch.Tensor (T, H)
-        import torch
+    def prompt_embeddings(self, prompt: Prompt) -> np.ndarray:
+        """(T, H) prompt embeddings with the encoded audio spliced in."""
+        from stepaudio2.engines.llm import splice_audio
 
-        from stepaudio2.audio import pad_mels
-
-        model = self.model
-        chunks = []
-        if prompt.mels:
-            mel_batch, mel_lens = pad_mels(prompt.mels)
-            with torch.inference_mode():
-                emb, n = model.encode_audio(torch.from_numpy(mel_batch), torch.as_tensor(prompt.mel_lengths))
-            chunks = [emb[i, : int(n[i])] for i in range(emb.shape[0])]
-        with torch.inference_mode():
-            return model.embed_prompt(prompt.ids, chunks, prompt.audio_spans)
+        chunks = self.backend.encode_audio(prompt.mels, prompt.mel_lengths)
+        return splice_audio(self.backend.embed(prompt.ids), chunks, prompt.audio_spans)
 
     # ---- generation ---------------------------------------------------------------------------------------
     def stream(self, request: GenerationRequest) -> Iterator[Any]:
         """Yield demultiplexer events as tokens are decoded, then the GenerationResult as the last item."""
-        import torch
-
         from stepaudio2.text import OutputDemuxer
 
         t0 = time.perf_counter()
         params = request.sampling
         prompt = self.build_prompt(request)
-        model = self.model
         sampler = Sampler(params)
         stops = self.stop_ids(params)
         demux = OutputDemuxer(self.tokenizer.special, self.tokenizer, speech=prompt.generation == "speech")
-        embeds = self.prompt_embeddings(prompt)
-        cache = model.new_cache()
+        backend = self.backend
+        logits, state = backend.prefill(self.prompt_embeddings(prompt))
         history = list(prompt.ids)
         generated: list[int] = []
         ttft = 0.0
         finish = "length"
-        pos = len(prompt.ids)
-        with torch.inference_mode():
-            logits, cache = model(embeds[None], torch.arange(pos)[None], cache=cache)
-            for step in range(params.max_new_tokens):
-                token = sampler(logits[0, -1].numpy(), history)
-                if step == 0:
-                    ttft = time.perf_counter() - t0
-                generated.append(token)
-                history.append(token)
-                yield from demux.feed(token)
-                if token in stops:
-                    finish = "stop"
-                    break
-                if step + 1 == params.max_new_tokens:
-                    break
-                step_embeds = model.model.embed_tokens(torch.tensor([[token]]))
-                logits, cache = model(step_embeds, torch.tensor([[pos]]), cache=cache)
-                pos += 1
+        for step in range(params.max_new_tokens):
+            token = sampler(logits, history)
+            if step == 0:
+                ttft = time.perf_counter() - t0
+            generated.append(token)
+            history.append(token)
+            yield from demux.feed(token)
+            if token in stops:
+                finish = "stop"
+                break
+            if step + 1 < params.max_new_tokens:
+                logits = backend.decode(state, token)
         yield from demux.finish()
         res = demux.result()
         yield GenerationResult(

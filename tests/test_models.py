@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from stepaudio2.engines.llm import splice_audio
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.models.encoder import adaptor_output_lengths, encoder_output_lengths
 
@@ -42,8 +43,11 @@ def test_kv_cached_decoding_matches_full_recompute_with_audio(tiny_model) -> Non
         emb, n = tiny_model.encode_audio(mel, lengths)
     count = int(n[0])
     ids = [5, 6, 7] + [9] * count + [11, 12]
-    prompt = tiny_model.embed_prompt(ids, [emb[0, :count]], [(3, count)])
+    with torch.inference_mode():
+        tokens_emb = tiny_model.model.embed_tokens(torch.tensor(ids)).numpy()
+    prompt = torch.from_numpy(splice_audio(tokens_emb, [emb[0, :count].numpy()], [(3, count)]))
     assert torch.equal(prompt[3 : 3 + count], emb[0, :count])
+    assert torch.equal(prompt[:3], torch.from_numpy(tokens_emb[:3]))
 
     steps = 16
     with torch.inference_mode():
@@ -65,12 +69,12 @@ def test_kv_cached_decoding_matches_full_recompute_with_audio(tiny_model) -> Non
     assert len(tokens) == steps
 
 
-def test_splice_rejects_count_mismatch(tiny_model) -> None:
-    h = tiny_model.cfg.text.hidden_size
+def test_splice_rejects_count_mismatch() -> None:
+    embeds = np.zeros((4, 8), np.float32)
     with pytest.raises(InvalidInputError, match="placeholders"):
-        tiny_model.embed_prompt([1, 2, 3, 4], [torch.zeros(3, h)], [(1, 2)])
+        splice_audio(embeds, [np.ones((3, 8), np.float32)], [(1, 2)])
     with pytest.raises(InvalidInputError, match="audio block"):
-        tiny_model.embed_prompt([1, 2, 3, 4], [], [(1, 2)])
+        splice_audio(embeds, [], [(1, 2)])
 
 
 def test_position_table_bounds_chunk_length(tiny_model) -> None:

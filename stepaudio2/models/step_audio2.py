@@ -8,7 +8,6 @@ and `lm_head`. The forward pass takes input embeddings, so adaptor outputs can b
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from stepaudio2.checkpoint import load_strict, read_state_dict, tensor_shapes
 from stepaudio2.config import StepAudio2Config, load_config, qwen2_config
-from stepaudio2.errors import CheckpointError, InvalidInputError
+from stepaudio2.errors import CheckpointError
 from stepaudio2.models.encoder import Adaptor, AudioEncoder
 
 ADAPTER_HIDDEN_KEY = "adapter.linear1.weight"
@@ -48,31 +47,6 @@ class StepAudio2ForCausalLM(nn.Module):
         """Padded mels (B, n_mels, T) + valid mel lengths -> adaptor embeddings (B, N, H) and valid N per item."""
         hidden, enc_lengths = self.encoder(mels, mel_lengths)
         return self.adapter(hidden, enc_lengths)
-
-    # ---- prompt embedding ----------------------------------------------------------------------------------
-    def embed_prompt(
-        self,
-        input_ids: Sequence[int] | torch.Tensor,
-        audio_embeds: Sequence[torch.Tensor] = (),
-        audio_spans: Sequence[tuple[int, int]] = (),
-    ) -> torch.Tensor:
-        """Token embeddings (T, H) with audio chunk k written over span k (start, count), in order (spec §1.5)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        embeds = self.model.embed_tokens(ids)
-        if len(audio_embeds) != len(audio_spans):
-            raise InvalidInputError(
-                f"prompt has {len(audio_spans)} audio block(s) but {len(audio_embeds)} audio chunk(s) were encoded"
-            )
-        if not audio_spans:
-            return embeds
-        embeds = embeds.clone()
-        for k, ((start, count), chunk) in enumerate(zip(audio_spans, audio_embeds, strict=True)):
-            if chunk.shape[0] != count:
-                raise InvalidInputError(
-                    f"audio chunk {k} has {chunk.shape[0]} embeddings but its block has {count} placeholders"
-                )
-            embeds[start : start + count] = chunk.to(embeds.dtype)
-        return embeds
 
     # ---- LLM -----------------------------------------------------------------------------------------------
     def new_cache(self):  # -> transformers.DynamicCache

@@ -1,0 +1,142 @@
+"""`stepaudio2 export`: checkpoint -> ONNX graphs (+ runtime files) inside the Triton model repository.
+
+Layout written (version folder 1 of each stage; build outputs, git-ignored):
+
+    <repo>/audio_encoder/1/audio_encoder.onnx
+    <repo>/llm/1/llm_decoder.onnx, embed_tokens.npy, config.json + tokenizer files
+    <repo>/export.json   manifest: checkpoint hash, graph hashes, I/O shapes, opset, precision, versions
+
+Re-running with an unchanged checkpoint and code is a no-op (the manifest's input hash matches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from stepaudio2.errors import InvalidInputError
+
+MANIFEST = "export.json"
+EXPORT_FORMAT_VERSION = 1  # bump when the graphs' signatures change, to force a re-export
+RUNTIME_FILES = (
+    "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json", "tokenizer.json",
+)
+# ONNX graphs are exported in fp32 (the CPU embedded default). fp16/bf16 are TensorRT builder precisions
+# (`stepaudio2 build-engines --precision`), applied when plans are built from these graphs on a GPU.
+PRECISIONS = ("fp32",)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(checkpoint: Path) -> str:
+    """Content hash over every file of the checkpoint (names + bytes), stable across copies."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(checkpoint)).encode())
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()
+
+
+def _code_hash() -> str:
+    """Hash of the export code and the model code it traces, so a code change re-exports."""
+    import stepaudio2
+
+    roots = [Path(__file__).parent, Path(stepaudio2.__file__).parent / "models"]
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _graph_entry(path: Path, repo: Path) -> dict[str, Any]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def dims(values) -> dict[str, list]:
+        return {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values
+        }
+
+    return {
+        "path": str(path.relative_to(repo)),
+        "sha256": file_sha256(path),
+        "inputs": dims(model.graph.input),
+        "outputs": dims(model.graph.output),
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+    }
+
+
+def export_checkpoint(
+    checkpoint: str | Path, repository: str | Path, precision: str = "fp32", force: bool = False
+) -> dict[str, Any]:
+    """Export every LLM-side stage; returns the manifest (unchanged inputs: the existing manifest, no work)."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from stepaudio2.export.llm_graphs import export_audio_encoder, export_decoder
+    from stepaudio2.models.step_audio2 import load_model
+
+    if precision not in PRECISIONS:
+        raise InvalidInputError(
+            f"ONNX export precision '{precision}' is not supported (ONNX graphs are {', '.join(PRECISIONS)}; "
+            "fp16/bf16 apply when building TensorRT engines)"
+        )
+    ckpt, repo = Path(checkpoint), Path(repository)
+    inputs_hash = hashlib.sha256(
+        f"{checkpoint_hash(ckpt)}:{_code_hash()}:{precision}:{EXPORT_FORMAT_VERSION}".encode()
+    ).hexdigest()
+    manifest_path = repo / MANIFEST
+    if not force and manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("inputs_hash") == inputs_hash and all(
+            (repo / g["path"]).is_file() and file_sha256(repo / g["path"]) == g["sha256"] for g in old["graphs"].values()
+        ):
+            old["skipped"] = True
+            return old
+
+    t0 = time.perf_counter()
+    model = load_model(ckpt)
+    enc_dir, llm_dir = repo / "audio_encoder" / "1", repo / "llm" / "1"
+    enc_dir.mkdir(parents=True, exist_ok=True)
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    graphs = {"audio_encoder": enc_dir / "audio_encoder.onnx", "llm_decoder": llm_dir / "llm_decoder.onnx"}
+    export_audio_encoder(model, graphs["audio_encoder"])
+    export_decoder(model, graphs["llm_decoder"])
+    with torch.inference_mode():
+        np.save(llm_dir / "embed_tokens.npy", model.model.embed_tokens.weight.numpy())
+    for name in RUNTIME_FILES:
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, llm_dir / name)
+
+    manifest = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "inputs_hash": inputs_hash,
+        "checkpoint": str(ckpt.resolve()),
+        "checkpoint_sha256": checkpoint_hash(ckpt),
+        "precision": precision,
+        "graphs": {name: _graph_entry(path, repo) for name, path in graphs.items()},
+        "files": {"embed_tokens": str((llm_dir / "embed_tokens.npy").relative_to(repo))},
+        "versions": {
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "transformers": transformers.__version__,
+        },
+        "export_seconds": round(time.perf_counter() - t0, 2),
+        "skipped": False,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
