@@ -92,6 +92,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from stepaudio2.export.tensorrt_build import build_engines
+
+    manifest = build_engines(args.repository, precision=args.precision, max_batch=args.max_batch)
+    for graph, entry in manifest["engines"].items():
+        print(f"{graph}: {entry['path']} ({entry['gpu']}, TensorRT {entry['tensorrt']}, {entry['precision']})")
+    return 0
+
+
 def _load_tools(spec: str | None) -> list[dict] | None:
     if not spec:
         return None
@@ -133,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--force", action="store_true", help="re-export even if the manifest says up to date")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")
+    p.add_argument("--repository", default="model_repository")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--max-batch", type=int, default=8)
+    p.set_defaults(func=cmd_build_engines)
     return parser
 
 
