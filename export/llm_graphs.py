@@ -9,9 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.export import Dim
 
+from stepaudio2.models.graphs import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    AudioEncoderGraph,
+    DecoderGraph,
+)
 from stepaudio2.models.step_audio2 import StepAudio2ForCausalLM
 
 OPSET = 18
@@ -19,44 +26,6 @@ MAX_BATCH = 64
 MAX_FRAMES = 3000  # 1500 encoder positions x 2 (spec §1.3)
 MAX_SEQ = 16384
 
-ENCODER_INPUTS = ["mel", "mel_lengths"]
-ENCODER_OUTPUTS = ["audio_embeds", "embed_lengths"]
-DECODER_INPUTS = ["inputs_embeds", "attention_mask", "position_ids", "past_keys", "past_values"]
-DECODER_OUTPUTS = ["logits", "present_keys", "present_values"]
-
-
-class AudioEncoderGraph(nn.Module):
-    """mel (B, n_mels, T) float, mel_lengths (B,) int64 -> audio_embeds (B, N, H), embed_lengths (B,)."""
-
-    def __init__(self, model: StepAudio2ForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_audio(mel, mel_lengths)
-
-
-class DecoderGraph(nn.Module):
-    """One prefill or decode step over a ragged batch.
-
-    inputs_embeds (B, S, H); attention_mask (B, P+S) int64 (1 = real token, 0 = left padding); position_ids
-    (B, S); past_keys / past_values (L, B, KV, P, D). Returns logits (B, S, V) and present keys/values
-    (L, B, KV, P+S, D). Stacking the layers into one tensor keeps the graph's signature independent of depth.
-    """
-
-    def __init__(self, model: StepAudio2ForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-        self.num_layers = model.cfg.text.num_hidden_layers
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_keys, past_values):
-        cache = self.model.new_cache()
-        for i in range(self.num_layers):
-            cache.update(past_keys[i], past_values[i], i)
-        logits, cache = self.model(inputs_embeds, position_ids, cache=cache, attention_mask=attention_mask)
-        keys = torch.stack([cache.layers[i].keys for i in range(self.num_layers)])
-        values = torch.stack([cache.layers[i].values for i in range(self.num_layers)])
-        return logits, keys, values
 
 
 def encoder_example(model: StepAudio2ForCausalLM) -> tuple[torch.Tensor, torch.Tensor]:

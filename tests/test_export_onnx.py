@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from stepaudio2.engines.runners import OrtRunner
-from stepaudio2.export.llm_graphs import DecoderGraph, decoder_example
+from stepaudio2.export.llm_graphs import decoder_example
 from stepaudio2.export.repository import MANIFEST, export_checkpoint
+from stepaudio2.models.graphs import DecoderGraph
 
 TOL = 1e-4  # fp32
 
