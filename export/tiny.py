@@ -100,8 +100,13 @@ def _write_shards(state: dict, out: Path, num_shards: int) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, preset: str = "tiny") -> Path:
-    """Write a random checkpoint with the real layout into `out_dir` and return its path."""
+def make_tiny_checkpoint(
+    out_dir: str | Path, seed: int = 0, preset: str = "tiny", with_token2wav: bool = True
+) -> Path:
+    """Write a random checkpoint with the real layout into `out_dir` and return its path.
+
+    with_token2wav=False skips `token2wav/` (LLM-only tests don't need it and it is the slower part).
+    """
     import torch
 
     from stepaudio2.config import parse_config
@@ -123,7 +128,8 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, preset: str = "tiny
     torch.manual_seed(seed)
     model = StepAudio2ForCausalLM(parse_config(raw), adapter_hidden=p.adapter_hidden)
     _write_shards(model.state_dict(), out, p.num_shards)
-    _write_token2wav(out / "token2wav", seed, preset)
+    if with_token2wav:
+        _write_token2wav(out / "token2wav", seed, preset)
     return out
 
 

@@ -14,7 +14,8 @@ ASSETS = REPO / "stepaudio2" / "assets"
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stepaudio2.export.tiny import make_tiny_checkpoint
 
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0, preset="tiny")
+    # LLM side only; token2wav tests build their own token2wav/ folder.
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", seed=0, preset="tiny", with_token2wav=False)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ def _dims(ckpt: Path) -> dict[str, int]:
     return {
         "E": a.n_audio_state, "M": a.n_mels, "C": a.n_audio_ctx, "A": shapes["adapter.linear1.weight"][0],
         "H": t.hidden_size, "I": t.intermediate_size, "V": t.vocab_size,
-        "KV": t.num_key_value_heads * t.head_dim, "4E": 4 * a.n_audio_state,
+        "KV": t.num_key_value_heads * t.head_dim, "4E": 4 * a.n_audio_state, "3": 3,
     }
 
 

@@ -81,6 +81,6 @@ def test_position_table_bounds_chunk_length(tiny_model) -> None:
     # 25 s chunk -> 2502 frames -> 1251 positions of the 1500-row table: must run.
     mel, lengths = _mels(2, [2502])
     with torch.inference_mode():
-        _, n = tiny_model.encode_audio(mel, lengths)
-    assert int(adaptor_output_lengths(n)[0]) == 313
-    assert np.isfinite(float(n[0]))
+        emb, n = tiny_model.encode_audio(mel, lengths)
+    assert int(n[0]) == 313 and emb.shape[1] >= 313
+    assert torch.isfinite(emb[0, :313]).all()

@@ -81,17 +81,21 @@ class Attention(nn.Module):
         return self._out(o)
 
     def forward_chunk(
-        self, x: torch.Tensor, att_cache: torch.Tensor, key_mask: torch.Tensor
+        self, x: torch.Tensor, att_cache: torch.Tensor, key_mask: torch.Tensor, key_index: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (b, c, dim); att_cache (b, h, l, 2*hd), keys|values oldest first; key_mask (b, l+c).
+        """x (b, c, dim); att_cache (b, h, l, 2*hd), keys|values oldest first, padded at the end.
 
-        Returns (out, new cache (b, h, l+c, 2*hd)): the padded cache followed by this chunk's keys/values."""
+        key_index (b, l+c) picks, from [padded cache, padded chunk], each row's valid cache then its valid
+        chunk, padding last; key_mask (b, l+c) marks those valid entries. Returns (out, new cache (b, h, l+c,
+        2*hd) in that packed order)."""
         q, k, v = self._qkv(x)
-        k_cache, v_cache = att_cache.split(self.head_dim, dim=-1)
-        k = torch.cat([k_cache, k], dim=2)
-        v = torch.cat([v_cache, v], dim=2)
+        kv = torch.cat([att_cache, torch.cat([k, v], dim=-1)], dim=2)
+        # Packing the valid keys first (instead of masking a gap between cache and chunk) keeps the attention
+        # reduction order, hence the result, identical to an unpadded call.
+        kv = torch.gather(kv, 2, key_index[:, None, :, None].expand(-1, kv.shape[1], -1, kv.shape[3]))
+        k, v = kv.split(self.head_dim, dim=-1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
-        return self._out(o), torch.cat([k, v], dim=-1)
+        return self._out(o), kv
 
 
 class Mlp(nn.Module):
@@ -184,10 +188,11 @@ class DiTBlock(nn.Module):
         cnn_cache: torch.Tensor,
         att_cache: torch.Tensor,
         key_mask: torch.Tensor,
+        key_index: torch.Tensor,
         cache_index: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sh_a, sc_a, g_a, sh_m, sc_m, g_m, sh_c, sc_c, g_c = self._mods(c)
-        a, new_att = self.attn.forward_chunk(modulate(self.norm1(x), sh_a, sc_a), att_cache, key_mask)
+        a, new_att = self.attn.forward_chunk(modulate(self.norm1(x), sh_a, sc_a), att_cache, key_mask, key_index)
         x = x + g_a * a
         v, new_cnn = self.conv.forward_chunk(modulate(self.norm3(x), sh_c, sc_c), cnn_cache, cache_index)
         x = x + g_c * v
@@ -275,22 +280,22 @@ class DiT(nn.Module):
         Each valid frame attends to its row's valid cache and to its whole valid chunk.
 
         Returns (velocity (b, mel, C), new cnn_cache (depth, b, 2*hidden, 2), new att_cache
-        (depth, b, heads, L+C, 2*head_dim) = [padded old cache, padded chunk]; row r's valid entries are
-        [:cache_lengths[r]] and [L : L+chunk_lengths[r]]).
+        (depth, b, heads, L+C, 2*head_dim): row r holds its old cache then its chunk, oldest first, valid for
+        the first cache_lengths[r] + chunk_lengths[r] entries and padded after).
         """
         h, c = self._inputs(x, mu, t, spks, cond)
         big_l = att_cache.shape[3]
-        big_c = x.shape[2]
-        pos_l = torch.arange(big_l, device=x.device).unsqueeze(0)
-        pos_c = torch.arange(big_c, device=x.device).unsqueeze(0)
-        key_mask = torch.cat(
-            [pos_l < cache_lengths.unsqueeze(1), pos_c < chunk_lengths.unsqueeze(1)], dim=1
-        )  # (b, L + C)
+        total = big_l + x.shape[2]
+        pos = torch.arange(total, device=x.device).unsqueeze(0)  # (1, L + C)
+        lc = cache_lengths.unsqueeze(1)
+        # Packed key order per row: valid cache [0, l), valid chunk [l, l + c), then padding.
+        key_index = torch.where(pos < lc, pos, pos - lc + big_l).clamp(max=total - 1)
+        key_mask = pos < lc + chunk_lengths.unsqueeze(1)
         # The conv caches are the inputs of the two frames before the end of each valid chunk.
         cache_index = chunk_lengths.unsqueeze(1) + torch.arange(self.cnn_cache_len, device=x.device).unsqueeze(0)
         new_cnn, new_att = [], []
         for i, block in enumerate(self.blocks):
-            h, cc, ac = block.forward_chunk(h, c, cnn_cache[i], att_cache[i], key_mask, cache_index)
+            h, cc, ac = block.forward_chunk(h, c, cnn_cache[i], att_cache[i], key_mask, key_index, cache_index)
             new_cnn.append(cc)
             new_att.append(ac)
         v = self.final_layer(h, c).transpose(1, 2)
