@@ -1,0 +1,189 @@
+"""Requests and results of generation, and the prompt builder. Torch-free: the server's pipeline model and the
+reference pipeline share it, so both build byte-identical prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stepaudio2.engines.sampling import SamplingParams
+from stepaudio2.errors import InvalidInputError
+
+
+@dataclass
+class AudioInput:
+    """One audio item of a request: mono float samples at `sample_rate`."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass
+class GenerationRequest:
+    task: str | None = "chat"
+    text: str | None = None
+    audio: AudioInput | None = None
+    messages: list[dict] | None = None  # explicit chat messages instead of a task preset
+    generation: str | None = None  # "text" | "speech" with explicit messages
+    history: list[dict] | None = None
+    tools: list[dict] | None = None
+    speed: str | None = None
+    voice: str | None = None
+    target_language: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    tts_text: str
+    audio_codes: list[int]
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str  # "stop" (end of turn) | "length"
+    prompt_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+    generation: str = "text"
+    messages: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "tts_text": self.tts_text,
+            "audio_codes": self.audio_codes,
+            "tool_calls": self.tool_calls,
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)},
+        }
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    audio_spans: list[tuple[int, int]]
+    mels: list[np.ndarray]
+    mel_lengths: list[int]
+    generation: str
+    messages: list[dict]
+
+
+def _fill_audio_items(messages: list[dict], chunks: list[int] | None) -> list[dict]:
+    """Explicit messages mark where the request's audio goes with {"type": "audio"}; fill in its chunk counts."""
+    out, used = [], False
+    for msg in messages:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if isinstance(item, dict) and item.get("type") == "audio" and "chunks" not in item:
+                    if chunks is None or used:
+                        raise InvalidInputError("a message has an audio item but the request carries no (more) audio")
+                    item, used = {"type": "audio", "chunks": list(chunks)}, True
+                items.append(item)
+            msg = {**msg, "content": items}
+        out.append(msg)
+    if chunks is not None and not used:
+        raise InvalidInputError("the request carries audio but no message has an {'type': 'audio'} item for it")
+    return out
+
+
+def stop_ids(tokenizer, config, params: SamplingParams) -> set[int]:
+    """End-of-turn ids: EOT, endoftext, the config's eos list, and the request's own stop ids."""
+    sp = tokenizer.special
+    stops = {sp.eot, sp.endoftext, *params.stop_ids}
+    eos = config.text.eos_token_id
+    stops.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return stops
+
+
+def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
+    """Audio features + prompt ids for a request: the one prompt builder of the reference and served pipelines."""
+    from stepaudio2.audio import prepare_audio
+    from stepaudio2.text import build_messages, encode_prompt
+
+    mels: list[np.ndarray] = []
+    lengths: list[int] = []
+    chunks: list[int] | None = None
+    if request.audio is not None:
+        feats = prepare_audio(request.audio.samples, request.audio.sample_rate)
+        mels, lengths, chunks = list(feats.mels), list(feats.valid_lengths), list(feats.placeholder_counts)
+    if request.messages is not None:
+        messages = _fill_audio_items(request.messages, chunks)
+        generation = request.generation or "text"
+        if generation not in ("text", "speech"):
+            raise InvalidInputError(f"unknown generation mode '{generation}' (text or speech)")
+    else:
+        if request.task is None:
+            raise InvalidInputError("a request needs a 'task' or 'messages'")
+        messages, generation = build_messages(
+            request.task,
+            audio_chunks=chunks,
+            text=request.text,
+            history=request.history,
+            tools=request.tools,
+            speed=request.speed,
+            voice=request.voice,
+            target_language=request.target_language,
+        )
+    encoded = encode_prompt(tokenizer, messages, generation=generation)
+    if len(encoded.audio_spans) != len(mels):
+        raise InvalidInputError(
+            f"prompt has {len(encoded.audio_spans)} audio block(s) but {len(mels)} audio chunk(s) were given"
+        )
+    return Prompt(encoded.ids, list(encoded.audio_spans), mels, lengths, generation, messages)
+
+
+REQUEST_FIELDS = (
+    "task", "text", "messages", "generation", "history", "tools", "speed", "voice", "target_language", "sampling",
+    "audio_format",
+)
+
+
+def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest:
+    """A GenerationRequest from the wire form (JSON object + optional audio bytes), validating every field.
+
+    `audio` is a wav (or anything libsndfile reads); raw PCM needs `audio_format` = {"sample_rate": N,
+    "dtype": "int16"|"int32"|"float32"}.
+    """
+    from stepaudio2.audio import decode_audio
+
+    if not isinstance(obj, dict):
+        raise InvalidInputError("request must be a JSON object")
+    unknown = sorted(set(obj) - set(REQUEST_FIELDS))
+    if unknown:
+        raise InvalidInputError(f"unknown request field(s): {', '.join(unknown)}")
+    for name in ("text", "task", "generation", "speed", "voice", "target_language"):
+        if obj.get(name) is not None and not isinstance(obj[name], str):
+            raise InvalidInputError(f"request field '{name}' must be a string")
+    for name in ("messages", "history", "tools"):
+        if obj.get(name) is not None and not isinstance(obj[name], list):
+            raise InvalidInputError(f"request field '{name}' must be a list")
+    sampling = obj.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise InvalidInputError("request field 'sampling' must be an object")
+    audio_input = None
+    if audio:
+        fmt = obj.get("audio_format") or {}
+        if not isinstance(fmt, dict):
+            raise InvalidInputError("request field 'audio_format' must be an object")
+        wav, sr = decode_audio(audio, pcm_sample_rate=fmt.get("sample_rate"), pcm_dtype=fmt.get("dtype", "int16"))
+        audio_input = AudioInput(wav, sr)
+    task = obj.get("task")
+    return GenerationRequest(
+        task=task if task is not None or obj.get("messages") is not None else "chat",
+        text=obj.get("text"),
+        audio=audio_input,
+        messages=obj.get("messages"),
+        generation=obj.get("generation"),
+        history=obj.get("history"),
+        tools=obj.get("tools"),
+        speed=obj.get("speed"),
+        voice=obj.get("voice"),
+        target_language=obj.get("target_language"),
+        sampling=SamplingParams.from_dict(sampling),
+    )
