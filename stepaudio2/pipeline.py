@@ -8,7 +8,7 @@ Prompt building, demultiplexing and tool-call parsing come from `stepaudio2.text
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from stepaudio2.request import (
     build_prompt,
     stop_ids,
 )
+from stepaudio2.text import OutputDemuxer
 
 __all__ = ["AudioInput", "GenerationRequest", "GenerationResult", "ReferencePipeline", "load_audio_input"]
 
@@ -57,61 +58,76 @@ class ReferencePipeline:
     def build_prompt(self, request: GenerationRequest) -> Prompt:
         return build_prompt(self.tokenizer, request)
 
-    def prompt_embeddings(self, prompt: Prompt) -> np.ndarray:
-        """(T, H) prompt embeddings with the encoded audio spliced in."""
+    def generate_tokens(
+        self, ids: list[int], audio_chunks: list[np.ndarray], spans: list[tuple[int, int]], params: SamplingParams
+    ) -> Iterator[int | str]:
+        """The single-request decode loop: yields token ids, then the finish reason ("stop" | "length")."""
         from stepaudio2.engines.llm import splice_audio
 
-        chunks = self.backend.encode_audio(prompt.mels, prompt.mel_lengths)
-        return splice_audio(self.backend.embed(prompt.ids), chunks, prompt.audio_spans)
-
-    # ---- generation ---------------------------------------------------------------------------------------
-    def stream(self, request: GenerationRequest) -> Iterator[Any]:
-        """Yield demultiplexer events as tokens are decoded, then the GenerationResult as the last item."""
-        from stepaudio2.text import OutputDemuxer
-
-        t0 = time.perf_counter()
-        params = request.sampling
-        prompt = self.build_prompt(request)
-        sampler = Sampler(params)
-        stops = self.stop_ids(params)
-        demux = OutputDemuxer(self.tokenizer.special, self.tokenizer, speech=prompt.generation == "speech")
         backend = self.backend
-        logits, state = backend.prefill(self.prompt_embeddings(prompt))
-        history = list(prompt.ids)
-        generated: list[int] = []
-        ttft = 0.0
-        finish = "length"
+        logits, state = backend.prefill(splice_audio(backend.embed(ids), audio_chunks, spans))
+        sampler, stops, history = Sampler(params), self.stop_ids(params), list(ids)
         for step in range(params.max_new_tokens):
             token = sampler(logits, history)
-            if step == 0:
-                ttft = time.perf_counter() - t0
-            generated.append(token)
             history.append(token)
-            yield from demux.feed(token)
+            yield token
             if token in stops:
-                finish = "stop"
-                break
+                yield "stop"
+                return
             if step + 1 < params.max_new_tokens:
                 logits = backend.decode(state, token)
-        yield from demux.finish()
-        res = demux.result()
-        yield GenerationResult(
-            token_ids=generated,
-            text=res.text,
-            tts_text=res.tts_text,
-            audio_codes=list(res.audio_codes),
-            tool_calls=[c.to_dict() for c in res.tool_calls],
-            finish_reason=finish,
-            prompt_tokens=len(prompt.ids),
-            time_to_first_token_s=ttft,
-            total_s=time.perf_counter() - t0,
-            generation=prompt.generation,
-            messages=prompt.messages,
-        )
+        yield "length"
+
+    def stream(self, request: GenerationRequest) -> Iterator[Any]:
+        """Yield demultiplexer events as tokens are decoded, then the GenerationResult as the last item."""
+        return run_pipeline(self.tokenizer, request, self.backend.encode_audio, self.generate_tokens)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         *_, result = self.stream(request)
         return result
+
+
+# encode(mels, valid lengths) -> one (N_k, H) array per chunk
+EncodeFn = Callable[[list[np.ndarray], list[int]], list[np.ndarray]]
+# generate(ids, audio chunks, spans, sampling) -> token ids, then the finish reason as a str
+GenerateFn = Callable[[list[int], list[np.ndarray], list[tuple[int, int]], SamplingParams], Iterable[int | str]]
+
+
+def run_pipeline(tokenizer: Any, request: GenerationRequest, encode: EncodeFn, generate: GenerateFn) -> Iterator[Any]:
+    """prompt -> audio encoder -> token stream -> demultiplexed events, then a GenerationResult.
+
+    The one generation flow of the project: the reference pipeline passes in-process engines, the served
+    pipeline (ensemble/pipeline) passes callables that reach the audio_encoder and llm stages over BLS.
+    """
+    t0 = time.perf_counter()
+    prompt = build_prompt(tokenizer, request)
+    chunks = encode(prompt.mels, prompt.mel_lengths) if prompt.mels else []
+    demux = OutputDemuxer(tokenizer.special, tokenizer, speech=prompt.generation == "speech")
+    generated: list[int] = []
+    finish, ttft = "length", 0.0
+    for item in generate(prompt.ids, chunks, prompt.audio_spans, request.sampling):
+        if isinstance(item, str):
+            finish = item
+            break
+        if not generated:
+            ttft = time.perf_counter() - t0
+        generated.append(item)
+        yield from demux.feed(item)
+    yield from demux.finish()
+    res = demux.result()
+    yield GenerationResult(
+        token_ids=generated,
+        text=res.text,
+        tts_text=res.tts_text,
+        audio_codes=list(res.audio_codes),
+        tool_calls=[c.to_dict() for c in res.tool_calls],
+        finish_reason=finish,
+        prompt_tokens=len(prompt.ids),
+        time_to_first_token_s=ttft,
+        total_s=time.perf_counter() - t0,
+        generation=prompt.generation,
+        messages=prompt.messages,
+    )
 
 
 def load_audio_input(path: str | Path) -> AudioInput:

@@ -102,16 +102,27 @@ class OnnxBackend:
     """The exported graphs of a model repository (`stepaudio2 export`), run through a Runner."""
 
     def __init__(self, repository: str | Path, runner_kind: str = "onnx-cpu") -> None:
+        from stepaudio2.config import load_config
         from stepaudio2.engines.runners import make_runner
 
-        repo = Path(repository)
-        self.encoder = make_runner(repo / "audio_encoder" / "1" / "audio_encoder.onnx", runner_kind)
-        self.decoder = make_runner(repo / "llm" / "1" / "llm_decoder.onnx", runner_kind)
-        self.table = np.load(repo / "llm" / "1" / "embed_tokens.npy", mmap_mode="r")
-        from stepaudio2.config import load_config
-
-        t = load_config(repo / "llm" / "1").text
+        self.repository = Path(repository)
+        self.runner_kind = runner_kind
+        llm_dir = self.repository / "llm" / "1"
+        self.decoder = make_runner(llm_dir / "llm_decoder.onnx", runner_kind)
+        self.table = np.load(llm_dir / "embed_tokens.npy", mmap_mode="r")
+        self.text_config = load_config(llm_dir).text
+        t = self.text_config
         self.kv_shape = (t.num_hidden_layers, 1, t.num_key_value_heads, 0, t.head_dim)
+        self._encoder = None
+
+    @property
+    def encoder(self):  # the LLM stage of the server never needs it, so load on first use
+        if self._encoder is None:
+            from stepaudio2.engines.runners import make_runner
+
+            path = self.repository / "audio_encoder" / "1" / "audio_encoder.onnx"
+            self._encoder = make_runner(path, self.runner_kind)
+        return self._encoder
 
     def encode_audio(self, mels: Sequence[np.ndarray], lengths: Sequence[int]) -> list[np.ndarray]:
         from stepaudio2.audio import pad_mels

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -58,7 +58,7 @@ class _Slot:
 @dataclass
 class SchedulerStats:
     steps: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    max_batch: int = 0  # largest decode batch seen (bounded state: the server runs for weeks)
 
 
 class ContinuousBatcher:
@@ -69,6 +69,7 @@ class ContinuousBatcher:
         kv_shape: tuple[int, int, int, int],
         max_slots: int = 8,
         max_queue: int = 64,
+        on_step: Callable[[int, int, int], None] | None = None,
     ) -> None:
         """kv_shape = (layers, kv_heads, head_dim, max_context); the empty cache is (L, 1, KV, 0, D)."""
         self.decoder = decoder
@@ -79,6 +80,7 @@ class ContinuousBatcher:
         self.waiting: deque[SequenceRequest] = deque()
         self.running: list[_Slot] = []
         self.stats = SchedulerStats()
+        self.on_step = on_step  # (decode batch size, running, waiting) after each step, e.g. for metrics
         self._cv = threading.Condition()
         self._stop = False
 
@@ -176,13 +178,16 @@ class ContinuousBatcher:
                 for s in cont:
                     s.done = f"error: {exc}"
             self.stats.steps += 1
-            self.stats.batch_sizes.append(len(cont))
+            self.stats.max_batch = max(self.stats.max_batch, len(cont))
         with self._cv:
             for s in active:
                 if s.done is not None:
                     self.running.remove(s)
                     s.req.on_finish(s.done)
-            return len(self.running)
+            running, waiting = len(self.running), len(self.waiting)
+        if self.on_step is not None and cont:
+            self.on_step(len(cont), running, waiting)
+        return running
 
     def _admit(self, req: SequenceRequest) -> _Slot | None:
         if req.is_cancelled():

@@ -1,0 +1,1 @@
+"""Serving side of the core: the Triton launcher and helpers shared by the model.py adapters."""

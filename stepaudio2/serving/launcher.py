@@ -1,0 +1,181 @@
+"""`stepaudio2 serve`: export if needed, then run tritonserver on the model repository and the pipelines.
+
+Embedded default: the `tritonserver` binary carried by the `nvidia-pytriton` wheel, on the CPU, bound to
+loopback. With `--tritonserver PATH` (or inside the NGC container, where `tritonserver` is on PATH) that binary
+is used instead. The launcher copies the tracked `model_repository/` and `ensemble/` (config.pbtxt + model.py)
+into a runtime folder and exports the ONNX graphs there, so the source tree never holds build outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stepaudio2.errors import StepAudio2Error
+
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = SOURCE_ROOT / "model_repository"
+ENSEMBLE_REPOSITORY = SOURCE_ROOT / "ensemble"
+RUNTIME_ENV = "STEPAUDIO2_RUNTIME"  # models read the runtime repository (tokenizer, config, graphs) from here
+
+
+class ServerError(StepAudio2Error):
+    """tritonserver could not be prepared, started or reached."""
+
+
+@dataclass
+class ServerConfig:
+    checkpoint: Path
+    runtime: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"
+    tritonserver: Path | None = None
+    engine: str = "onnx-cpu"
+    extra_args: list[str] = field(default_factory=list)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy config.pbtxt and model.py files (the tracked parts), keeping exported files already in `dst`."""
+    for path in src.rglob("*"):
+        if path.is_file() and (path.name in ("config.pbtxt", "model.py")):
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
+    """Runtime model repository (stages + exported graphs) and runtime ensemble repository."""
+    from stepaudio2.export.repository import export_checkpoint
+
+    stages, pipelines = cfg.runtime / "model_repository", cfg.runtime / "ensemble"
+    _copy_tree(MODEL_REPOSITORY, stages)
+    _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
+    export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
+    return stages, pipelines
+
+
+def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
+    """tritonserver from the nvidia-pytriton wheel, with the Python backend stub of this interpreter."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise ServerError("no tritonserver: install the 'serve' extra (nvidia-pytriton) or pass --tritonserver") from exc
+    src = Path(pytriton.__file__).parent / "tritonserver"
+    site = Path(pytriton.__file__).parent.parent
+    dst = build / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    if not (dst / "bin" / "tritonserver").is_file():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("python_backend_stubs"), dirs_exist_ok=True)
+        shutil.copy2(stub, dst / "backends" / "python" / "triton_python_backend_stub")
+    # Pitfall P1: the stub must load this interpreter's libpython, not the system one.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env = {
+        "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(site / "nvidia_pytriton.libs"), libdir,
+                                                        os.environ.get("LD_LIBRARY_PATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), str(site), os.environ.get("PYTHONPATH", "")) if p),
+        "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", ""))),
+    }
+    return dst / "bin" / "tritonserver", dst / "backends", env
+
+
+def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ)
+    env[RUNTIME_ENV] = str(cfg.runtime)
+    env["STEPAUDIO2_ENGINE"] = cfg.engine
+    binary = cfg.tritonserver or (Path(shutil.which("tritonserver")) if shutil.which("tritonserver") else None)
+    args: list[str] = []
+    if binary is None:
+        binary, backends, extra_env = _pytriton_bundle(cfg.runtime / "build")
+        env.update(extra_env)
+        args += [f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}"]
+    args = [str(binary), f"--model-repository={stages}", f"--model-repository={pipelines}", *args,
+            f"--http-address={cfg.host}", f"--grpc-address={cfg.host}", f"--metrics-address={cfg.host}",
+            f"--http-port={cfg.http_port}", f"--grpc-port={cfg.grpc_port}", f"--metrics-port={cfg.metrics_port}",
+            "--allow-gpu-metrics=false", "--exit-timeout-secs=10", *cfg.extra_args]
+    return args, env
+
+
+class TritonProcess:
+    """A running tritonserver: start, wait until ready, stop."""
+
+    def __init__(self, cfg: ServerConfig, log_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.log_path = log_path or cfg.runtime / "tritonserver.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        stages, pipelines = prepare_runtime(self.cfg)
+        cmd, env = server_command(self.cfg, stages, pipelines)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout_s)
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.http_port}/v2/health/ready"
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with {self.proc.returncode}; log: {self.log_path}\n"
+                                  + self.log_tail())
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)  # start-up only: readiness has no push notification
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log: {self.log_path}\n" + self.log_tail())
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+
+def serve_forever(cfg: ServerConfig) -> int:
+    """Start, print the endpoints, and stop cleanly on SIGINT/SIGTERM (or when tritonserver exits)."""
+    import threading
+
+    server = TritonProcess(cfg)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    server.start()
+    print(f"ready: gRPC {cfg.host}:{cfg.grpc_port}  HTTP {cfg.host}:{cfg.http_port}  "
+          f"metrics http://{cfg.host}:{cfg.metrics_port}/metrics  (log {server.log_path})", flush=True)
+    while not stopping.wait(1.0):
+        if server.proc is None or server.proc.poll() is not None:
+            break
+    code = 0 if stopping.is_set() else 1
+    server.stop()
+    print("stopped", flush=True)
+    return code

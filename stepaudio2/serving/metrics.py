@@ -1,0 +1,54 @@
+"""Custom Prometheus metrics of the models (served on Triton's /metrics next to its own nv_* series).
+
+Names are the contract with k8s/ (recording rules, alerts, dashboards, autoscaling); change them only together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+
+TTFT = "stepaudio2_time_to_first_token_seconds"
+TOKENS = "stepaudio2_generated_tokens_total"
+FINISHED = "stepaudio2_llm_requests_finished_total"
+REJECTED = "stepaudio2_llm_requests_rejected_total"
+ACTIVE = "stepaudio2_llm_active_sequences"
+QUEUE = "stepaudio2_llm_queue_depth"
+BATCH = "stepaudio2_llm_decode_batch_size"
+INTER_TOKEN = "stepaudio2_inter_token_seconds"
+
+
+class LLMMetrics:
+    """Keeps each MetricFamily alive as long as its metrics (python backend requirement)."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        MF = pb_utils.MetricFamily
+        labels = {"model": model}
+        self.families = {
+            TTFT: MF(TTFT, "Time from request arrival to its first generated token", MF.HISTOGRAM),
+            INTER_TOKEN: MF(INTER_TOKEN, "Time between consecutive generated tokens of a request", MF.HISTOGRAM),
+            TOKENS: MF(TOKENS, "Generated tokens", MF.COUNTER),
+            FINISHED: MF(FINISHED, "Finished generation requests by reason", MF.COUNTER),
+            REJECTED: MF(REJECTED, "Requests rejected because the LLM was at capacity", MF.COUNTER),
+            ACTIVE: MF(ACTIVE, "Sequences in the running decode batch", MF.GAUGE),
+            QUEUE: MF(QUEUE, "Requests waiting for a KV slot", MF.GAUGE),
+            BATCH: MF(BATCH, "Sequences per decode step", MF.HISTOGRAM),
+        }
+        f = self.families
+        self.ttft = f[TTFT].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.inter_token = f[INTER_TOKEN].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.tokens = f[TOKENS].Metric(labels=labels)
+        self.rejected = f[REJECTED].Metric(labels=labels)
+        self.active = f[ACTIVE].Metric(labels=labels)
+        self.queue = f[QUEUE].Metric(labels=labels)
+        self.batch = f[BATCH].Metric(labels=labels, buckets=BATCH_BUCKETS)
+        self._finished: dict[str, Any] = {}
+        self._labels = labels
+
+    def finished(self, reason: str) -> None:
+        key = reason.split(":", 1)[0]  # "error: ..." -> "error" (bounded label values)
+        if key not in self._finished:
+            self._finished[key] = self.families[FINISHED].Metric(labels={**self._labels, "reason": key})
+        self._finished[key].increment(1)
