@@ -101,6 +101,24 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stepaudio2.serving.launcher import ServerConfig, serve_forever
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is None:  # embedded default: the tiny checkpoint, made once
+        from stepaudio2.export.tiny import make_tiny_checkpoint
+
+        checkpoint = Path(args.runtime) / "tiny"
+        if not (checkpoint / "config.json").is_file():
+            make_tiny_checkpoint(checkpoint, seed=0)
+    cfg = ServerConfig(
+        checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
+        metrics_port=args.metrics_port, host=args.host,
+        tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
+    )
+    return serve_forever(cfg)
+
+
 def _load_tools(spec: str | None) -> list[dict] | None:
     if not spec:
         return None
@@ -142,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--force", action="store_true", help="re-export even if the manifest says up to date")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="export if needed, then run Triton with the stages and the pipelines")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: a tiny checkpoint made on first run)")
+    p.add_argument("--runtime", default=".build/serve", help="runtime model repositories, logs, build files")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--tritonserver", help="tritonserver binary (default: on PATH, else the nvidia-pytriton one)")
+    p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")
     p.add_argument("--repository", default="model_repository")

@@ -69,6 +69,10 @@ class SamplingParams:
             clean["stop_ids"] = tuple(int(i) for i in clean["stop_ids"])
         return cls(**clean)
 
+    def to_dict(self) -> dict:
+        """JSON-able form; from_dict(to_dict()) round-trips."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0

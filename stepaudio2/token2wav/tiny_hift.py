@@ -75,8 +75,9 @@ def _init_hift(model: HiFTGenerator, seed: int) -> None:
             # Gain = |v| per output slice (effective weight = v), jittered so a g/v mix-up changes the output.
             norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
             params[name].copy_(norm * (1.0 + 0.1 * torch.rand(norm.shape, generator=gen)))
-    # A small output conv keeps the predicted magnitudes near exp(0) = 1, so the audio is not clipped noise.
-    model.conv_post.parametrizations.weight.original0.mul_(0.1)
+    # The upsampling stack shrinks the signal; this gain brings the predicted log-magnitudes and phases to about
+    # unit scale, so the audio is neither silent nor clipped.
+    model.conv_post.parametrizations.weight.original0.mul_(30.0)
     model.f0_predictor.classifier.bias.fill_(_STANDIN_F0_HZ)
     model.f0_predictor.classifier.weight.mul_(20.0)
 
