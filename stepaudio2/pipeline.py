@@ -23,7 +23,7 @@ from stepaudio2.request import (
     build_prompt,
     stop_ids,
 )
-from stepaudio2.text import OutputDemuxer
+from stepaudio2.text import OutputDemuxer, assistant_turn_from_reply
 
 __all__ = ["AudioInput", "GenerationRequest", "GenerationResult", "ReferencePipeline", "load_audio_input"]
 
@@ -127,6 +127,9 @@ def run_pipeline(tokenizer: Any, request: GenerationRequest, encode: EncodeFn, g
         total_s=time.perf_counter() - t0,
         generation=prompt.generation,
         messages=prompt.messages,
+        assistant_turn=assistant_turn_from_reply(
+            prompt.generation, generated, res.text, special=tokenizer.special, tool_calls=res.tool_calls
+        ),
     )
 
 

@@ -49,8 +49,11 @@ class GenerationResult:
     total_s: float
     generation: str = "text"
     messages: list[dict] = field(default_factory=list)
+    assistant_turn: dict | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The result object of `generate --json` and of the served pipeline. `messages` + `assistant_turn` let a
+        client continue the conversation (multi-turn, tool results) by sending them back as `messages`."""
         return {
             "token_ids": self.token_ids,
             "text": self.text,
@@ -59,7 +62,21 @@ class GenerationResult:
             "tool_calls": self.tool_calls,
             "finish_reason": self.finish_reason,
             "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)},
+            "generation": self.generation,
+            "messages": wire_messages(self.messages),
+            "assistant_turn": self.assistant_turn,
         }
+
+
+def wire_messages(messages: list[dict]) -> list[dict]:
+    """Messages as a client re-sends them: audio items become placeholders the request's audio fills again."""
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = [{"type": "audio"} if isinstance(i, dict) and i.get("type") == "audio" else i for i in content]
+        out.append({**msg, "content": content})
+    return out
 
 
 @dataclass

@@ -113,3 +113,21 @@ def test_background_loop_serves_and_stops(backend: TorchBackend) -> None:
     b.stop()
     worker.join(5)
     assert not worker.is_alive()
+
+
+def test_a_failing_step_fails_its_requests_but_the_loop_survives(backend: TorchBackend) -> None:
+    b = _batcher(backend)
+    worker = threading.Thread(target=b.run, daemon=True)
+    worker.start()
+    bad, good = _Collector(), _Collector()
+
+    def explode(_token: int) -> None:
+        raise RuntimeError("client callback blew up")
+
+    b.submit(SequenceRequest("bad", backend.embed([1, 2]), [1, 2], SamplingParams(max_new_tokens=3), frozenset(),
+                             explode, bad.finish))
+    assert bad.done.wait(30) and bad.reason.startswith("error")
+    b.submit(_request(backend, "good", [3, 4], SamplingParams(max_new_tokens=3), good))
+    assert good.done.wait(30) and good.reason == "length"
+    b.stop()
+    worker.join(5)

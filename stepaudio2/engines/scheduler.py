@@ -43,7 +43,7 @@ class SequenceRequest:
     is_cancelled: Callable[[], bool] = lambda: False
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: slots hold arrays, and list.remove must not compare them
 class _Slot:
     req: SequenceRequest
     sampler: Sampler
@@ -208,7 +208,21 @@ class ContinuousBatcher:
                     self._cv.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # never let the loop die: fail what it held, keep serving new requests
+                self._fail_all(f"error: scheduler step failed: {exc}")
+
+    def _fail_all(self, reason: str) -> None:
+        with self._cv:
+            victims = [s.req for s in self.running] + list(self.waiting)
+            self.running.clear()
+            self.waiting.clear()
+        for req in victims:
+            try:
+                req.on_finish(reason)
+            except Exception:
+                pass  # the sender may already be closed (client gone)
 
     def stop(self) -> None:
         with self._cv:

@@ -37,7 +37,10 @@ N_TIMESTEPS = 10  # Euler steps on the cosine grid t = 1 - cos(pi/2 * linspace(0
 MEL_FRAME_RATE = 50  # frames per second of the flow's mel
 NOISE_SECONDS = 600  # the fixed noise buffer covers this much mel (upstream: 50 * 600 frames)
 NOISE_SEED = 1986  # seeds the noise buffer, so every worker draws the same x0
-ESTIMATOR_CACHE_KEEP_FRAMES = 100  # streaming: the estimator keeps the prompt frames plus this many recent frames
+# Streaming: the estimator keeps the prompt frames plus this many most recent frames (spec §4.3). Our caches are
+# oldest first. Upstream's DiT cache is newest first, so its literal `[:prompt] + [-100:]` slice keeps the newest
+# prompt-length frames and the prompt's last 100 instead; the count, hence the noise offset, is the same.
+ESTIMATOR_CACHE_KEEP_FRAMES = 100
 # Streaming: the conformer keeps the prompt tokens plus this many recent tokens (and `up_stride` times as many
 # upsampled positions). Upstream never trims it; VOX keeps the last 128. Bounding it keeps long sessions at a
 # fixed cost; the relative positions of the kept prompt entries then move closer to the chunk.
@@ -62,13 +65,14 @@ def cosine_time_grid(n_steps: int, device: torch.device | None = None) -> torch.
     return 1 - torch.cos(t * 0.5 * math.pi)
 
 
-def _euler_dts(n_steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(t, dt) for each Euler step; t advances by accumulation as in upstream's solver."""
+def _euler_dts(n_steps: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(t, dt) for each Euler step; t advances by accumulation as in upstream's solver. Computed on the CPU
+    so that every device uses the same grid."""
     grid = cosine_time_grid(n_steps)
     out = []
     t, dt = grid[0], grid[1] - grid[0]
     for step in range(1, n_steps + 1):
-        out.append((t, dt))
+        out.append((t.to(device), dt.to(device)))
         t = t + dt
         if step < n_steps:
             dt = grid[step + 1] - t
@@ -113,7 +117,7 @@ class CausalConditionalCFM(nn.Module):
         mu_in = torch.cat([mu, torch.zeros_like(mu)])
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
-        for t, dt in _euler_dts(n_timesteps):
+        for t, dt in _euler_dts(n_timesteps, mu.device):
             v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in)
             x = x + dt * self.guided_velocity(v[:b], v[b:])
         return x
@@ -192,10 +196,15 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def mel_bins(self) -> int:
         return self.cfg.output_size
 
+    @property
+    def device(self) -> torch.device:
+        return self.encoder_proj.weight.device
+
     # ---- inputs ---------------------------------------------------------------------------------------------
 
     def _codes(self, codes: Sequence[int] | np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(codes, dtype=np.int64) if not isinstance(codes, torch.Tensor) else codes)
+        # np.array copies: prompts hold read-only arrays, which torch will not wrap.
+        t = codes if isinstance(codes, torch.Tensor) else torch.from_numpy(np.array(codes, dtype=np.int64))
         if t.dim() != 1:
             raise InvalidInputError(f"{what} must be a 1-D sequence of speech codes, got shape {tuple(t.shape)}")
         t = t.to(torch.int64)
@@ -207,8 +216,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def _prompt(self, prompt: PromptLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (tokens (P,), mel (r*P, mel), xvector (spk_dim,)), trimmed so that mel frames == r * tokens."""
         tokens = self._codes(prompt.tokens, "voice prompt tokens")
-        mel = torch.as_tensor(np.asarray(prompt.mel, dtype=np.float32))
-        xvec = torch.as_tensor(np.asarray(prompt.xvector, dtype=np.float32))
+        mel = torch.from_numpy(np.array(prompt.mel, dtype=np.float32))
+        xvec = torch.from_numpy(np.array(prompt.xvector, dtype=np.float32))
         if mel.dim() != 2 or mel.shape[1] != self.mel_bins:
             raise InvalidInputError(f"voice prompt mel must be (frames, {self.mel_bins}), got {tuple(mel.shape)}")
         if xvec.shape != (self.cfg.spk_embed_dim,):
@@ -220,7 +229,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         n = min(tokens.numel(), mel.shape[0] // self.up_rate)
         if n < 1:
             raise InvalidInputError("voice prompt has no speech tokens (or a mel shorter than one token)")
-        return tokens[:n], mel[: n * self.up_rate], xvec
+        dev = self.device
+        return tokens[:n].to(dev), mel[: n * self.up_rate].to(dev), xvec.to(dev)
 
     def embed_speaker(self, xvectors: torch.Tensor) -> torch.Tensor:
         """(b, spk_dim) x-vectors -> (b, mel): L2-normalise, then the affine projection."""
@@ -254,20 +264,20 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 f"prompt + codes give {r * t_max} mel frames, more than the {self.decoder.max_frames} "
                 f"({NOISE_SECONDS} s) the flow supports"
             )
-        b = len(items)
-        tokens = torch.zeros(b, t_max, dtype=torch.int64)
-        cond = torch.zeros(b, self.mel_bins, r * t_max)
+        b, dev = len(items), self.device
+        tokens = torch.zeros(b, t_max, dtype=torch.int64, device=dev)
+        cond = torch.zeros(b, self.mel_bins, r * t_max, device=dev)
         for i, (c, p, mel, _) in enumerate(items):
-            tokens[i, : lengths[i]] = torch.cat([p, c])
+            tokens[i, : lengths[i]] = torch.cat([p, c.to(dev)])
             cond[i, :, : mel.shape[0]] = mel.T
-        lens = torch.tensor(lengths, dtype=torch.int64)
+        lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
         spks = self.embed_speaker(torch.stack([x for _, _, _, x in items]))
 
-        valid = torch.arange(t_max).unsqueeze(0) < lens.unsqueeze(1)
+        valid = torch.arange(t_max, device=dev).unsqueeze(0) < lens.unsqueeze(1)
         emb = self.input_embedding(tokens) * valid.unsqueeze(-1).float()
         h, mel_lens = self.encoder(emb, lens)
         mu = self.encoder_proj(h).transpose(1, 2)
-        mask = (torch.arange(r * t_max).unsqueeze(0) < mel_lens.unsqueeze(1)).float().unsqueeze(1)
+        mask = (torch.arange(r * t_max, device=dev).unsqueeze(0) < mel_lens.unsqueeze(1)).float().unsqueeze(1)
         feat = self.decoder(mu, mask, spks, cond)
         return [feat[i, :, r * p.numel() : int(mel_lens[i])] for i, (_, p, _, _) in enumerate(items)]
 
@@ -295,8 +305,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
             up_cache=up_cache,
             att_cache=att,
             up_att_cache=up_att,
-            estimator_cnn_cache=torch.zeros(steps, depth, 2, est.cnn_cache_channels, est.cnn_cache_len),
-            estimator_att_cache=torch.zeros(steps, depth, 2, est.cfg.num_heads, 0, est.att_cache_width),
+            estimator_cnn_cache=mu.new_zeros(steps, depth, 2, est.cnn_cache_channels, est.cnn_cache_len),
+            estimator_att_cache=mu.new_zeros(steps, depth, 2, est.cfg.num_heads, 0, est.att_cache_width),
             prompt_tokens=tokens.numel(),
             prompt_mel_len=mel.shape[0],
         )
@@ -345,7 +355,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         for i in work:
             st = states[i]
             h, la_c, up_c, att, up_att = self.encoder.forward_chunk(
-                self.input_embedding(parsed[i].unsqueeze(0)),
+                self.input_embedding(parsed[i].to(self.device).unsqueeze(0)),
                 bool(lasts[i]),
                 st.lookahead_cache,
                 st.up_cache,
@@ -374,7 +384,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
         out = []
         for i, state in enumerate(states):
-            mel = mels.get(i, torch.zeros(self.mel_bins, 0))
+            mel = mels.get(i, torch.zeros(self.mel_bins, 0, device=self.device))
             for name, value in updates.get(i, {}).items():
                 setattr(state, name, value)
             state.frames_out += mel.shape[1]
@@ -408,19 +418,19 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
         noise = self.decoder.rand_noise
         x = torch.cat([pad_time(noise[:, :, o : o + c], big_c, 2) for o, c in zip(l_lens, c_lens, strict=True)])
-        mu_in = torch.cat([torch.cat([pad_time(m, big_c, 2), torch.zeros(1, self.mel_bins, big_c)]) for m in mus])
-        cond_in = torch.cat(
-            [torch.cat([pad_time(c, big_c, 2), torch.zeros(1, self.mel_bins, big_c)]) for c in conds]
-        )
+        dev = noise.device
+        zeros = torch.zeros(1, self.mel_bins, big_c, device=dev)
+        mu_in = torch.cat([torch.cat([pad_time(m, big_c, 2), zeros]) for m in mus])
+        cond_in = torch.cat([torch.cat([pad_time(c, big_c, 2), zeros]) for c in conds])
         spks_in = torch.cat([torch.cat([s.spks, torch.zeros_like(s.spks)]) for s in states])
-        cache_lengths = torch.tensor(l_lens, dtype=torch.int64).repeat_interleave(2)
-        chunk_lengths = torch.tensor(c_lens, dtype=torch.int64).repeat_interleave(2)
+        cache_lengths = torch.tensor(l_lens, dtype=torch.int64, device=dev).repeat_interleave(2)
+        chunk_lengths = torch.tensor(c_lens, dtype=torch.int64, device=dev).repeat_interleave(2)
         # (steps, depth, 2n, ...): the streams' caches side by side, each padded to the longest.
         cnn_all = torch.cat([s.estimator_cnn_cache for s in states], dim=2)
         att_all = torch.cat([pad_time(s.estimator_att_cache, big_l, 4) for s in states], dim=2)
 
         new_cnn, new_att = [], []
-        for k, (t, dt) in enumerate(_euler_dts(N_TIMESTEPS)):
+        for k, (t, dt) in enumerate(_euler_dts(N_TIMESTEPS, dev)):
             v, cnn_k, att_k = est.forward_chunk(
                 x.repeat_interleave(2, dim=0),
                 mu_in,
@@ -442,8 +452,11 @@ class CausalMaskedDiffWithXvec(nn.Module):
         out = []
         for i, (l_i, c_i) in enumerate(zip(l_lens, c_lens, strict=True)):
             rows = slice(2 * i, 2 * i + 2)
-            att_i = att_steps[:, :, rows, :, : l_i + c_i]
-            out.append((x[i : i + 1, :, :c_i], (cnn_steps[:, :, rows], att_i)))
+            cnn_i, att_i = cnn_steps[:, :, rows], att_steps[:, :, rows, :, : l_i + c_i]
+            if n > 1:
+                # Own copies, so that a stream's state does not keep the whole batch's tensors alive.
+                cnn_i, att_i = cnn_i.clone(), att_i.clone()
+            out.append((x[i : i + 1, :, :c_i].clone(), (cnn_i, att_i)))
         return out
 
 

@@ -201,8 +201,8 @@ class Token2Wav:
         tail = s.speech_tail
         if tail is not None and tail.shape[1] > 0:
             n = min(tail.shape[1], speech.shape[1])
-            half = self.overlap_samples
-            faded = speech[:, :n] * self._window[:n] + tail[:, tail.shape[1] - n :] * self._window[half : half + n]
+            half, w = self.overlap_samples, self._window.to(speech.device)
+            faded = speech[:, :n] * w[:n] + tail[:, tail.shape[1] - n :] * w[half : half + n]
             speech = torch.cat([faded, speech[:, n:]], dim=1)
         keep = self.overlap_samples
         s.mel_tail = mel_in[:, :, max(0, mel_in.shape[2] - HIFT_OVERLAP_FRAMES) :]

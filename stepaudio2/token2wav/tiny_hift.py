@@ -7,8 +7,11 @@
 
   speech tokenizer: inputs `feats` float32 (1, 128, T) log-mel at 100 Hz and `feats_length` int32 (1,);
   output `indices` int64 (1, T') with T' = ceil(ceil(T / 2) / 2): two stride-2 convs (k3, p1), i.e. 25 Hz, and
-  codes in 0..6560 from an 8-dimensional 3-level FSQ (3^8 = 6561 codes).
+  codes in 0..6560 from an 8-dimensional 3-level FSQ (3^8 = 6561 codes). (The v1 tokenizer's output is
+  (1, 1, T'); public v2 callers index it as (1, T'). Consumers flatten it, so either rank works.)
   CAM++: input `input` float32 (1, T, 80) mean-normalised Kaldi fbank; output `output` float32 (1, 192).
+  (3D-Speaker's own exporter names them feature/embedding; CosyVoice's campplus.onnx uses input/output, and
+  upstream feeds it by position anyway.)
 
   Both graphs carry the metadata entry `stepaudio2_standin=1` so a deployment can tell them from the real ones.
   Codes and x-vectors depend on the audio but carry no meaning.
@@ -112,8 +115,8 @@ class StandinS3Tokenizer(nn.Module):
     def forward(self, feats: torch.Tensor, feats_length: torch.Tensor) -> torch.Tensor:
         h = F.gelu(self.conv1(feats))
         h = F.gelu(self.conv2(h)).transpose(1, 2)  # (B, T', C)
-        # Scale the projection so that all three levels of every digit actually occur.
-        z = torch.tanh(3.0 * self.project_down(h))
+        # Normalised projection: every digit takes all three levels, so codes spread over the whole codebook.
+        z = torch.tanh(2.0 * F.layer_norm(self.project_down(h), (S3_FSQ_DIMS,)))
         digits = torch.round(z * 0.999).to(torch.int64) + 1  # {0, 1, 2}
         codes = (digits * self.powers).sum(dim=-1)  # (B, T') in 0..6560
         # Frames past each item's length (after both strides) are padding: code 0 there.
@@ -140,7 +143,8 @@ class StandinCAMPPlus(nn.Module):
         return self.dense(torch.cat([mean, std], dim=1))
 
 
-def _seeded(module_cls: type[nn.Module], seed: int) -> nn.Module:
+def seeded_standin(module_cls: type[nn.Module], seed: int) -> nn.Module:
+    """The stand-in module `write_standin_onnx` exports, rebuilt from the same seed (for parity checks)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return module_cls().eval()
@@ -174,13 +178,13 @@ def write_standin_onnx(token2wav_dir: str | Path, seed: int) -> tuple[Path, Path
     out_dir.mkdir(parents=True, exist_ok=True)
     tok_path, camp_path = out_dir / TOKENIZER_FILE, out_dir / CAMPPLUS_FILE
 
-    tokenizer = _seeded(StandinS3Tokenizer, seed)
+    tokenizer = seeded_standin(StandinS3Tokenizer, seed)
     feats = torch.randn(2, S3_MELS, 37)  # batch >= 2 and an odd length: nothing gets specialised
     lengths = torch.tensor([37, 37], dtype=torch.int32)
     _export(tokenizer, (feats, lengths), tok_path, ["feats", "feats_length"], ["indices"],
             {"feats": {0: "batch", 2: "frames"}, "feats_length": {0: "batch"}, "indices": {0: "batch", 1: "tokens"}})
 
-    campplus = _seeded(StandinCAMPPlus, seed + 1)
+    campplus = seeded_standin(StandinCAMPPlus, seed + 1)
     _export(campplus, (torch.randn(2, 41, CAMPPLUS_MELS),), camp_path, ["input"], ["output"],
             {"input": {0: "batch", 1: "frames"}, "output": {0: "batch"}})
     return tok_path, camp_path

@@ -17,7 +17,13 @@ from stepaudio2.engines.scheduler import ContinuousBatcher, QueueFullError, Sequ
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.request import stop_ids
 from stepaudio2.serving.metrics import LLMMetrics
-from stepaudio2.serving.triton_utils import bytes_tensor, json_value, optional_input, required_input, triton_error
+from stepaudio2.serving.triton_utils import (
+    bytes_tensor,
+    json_value,
+    optional_input,
+    required_input,
+    triton_error,
+)
 from stepaudio2.text import StepAudio2Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

@@ -1,0 +1,95 @@
+"""`stepaudio2-client`: talk to a running server over gRPC (tritonclient + numpy only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stepaudio2_client.client import ClientError, StepAudio2Client
+from stepaudio2_client.session import Session
+from stepaudio2_client.tools import ToolRegistry, WebSearchTool
+
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+class FileSearchBackend:
+    """web_search backend answering from a JSON file of {"title", "snippet", "url"} records (offline use)."""
+
+    def __init__(self, path: str) -> None:
+        self.records = json.loads(Path(path).read_text(encoding="utf-8"))
+
+    def search(self, query: str) -> list[dict[str, str]]:
+        words = {w.lower() for w in query.split()}
+        scored = sorted(self.records, key=lambda r: -len(words & set(str(r.get("snippet", "")).lower().split())))
+        return scored
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stepaudio2-client", description="Step-Audio-2 gRPC client")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT")
+    p.add_argument("--task", default="chat")
+    p.add_argument("--audio", help="wav file to send")
+    p.add_argument("--text", help="text of the human turn")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print the result object (as `stepaudio2 generate --json`)")
+    p.add_argument("--speed", choices=["slow", "normal", "fast"])
+    p.add_argument("--voice", choices=["female", "male"])
+    p.add_argument("--target-language", dest="target_language")
+    p.add_argument("--tools", choices=["web_search"], help="offer tools to the model; calls run in this client")
+    p.add_argument("--search-results", help="JSON file the web_search tool answers from")
+    # Same names as `stepaudio2 generate`.
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    request = {"task": args.task}
+    for name in ("text", "speed", "voice", "target_language"):
+        if getattr(args, name) is not None:
+            request[name] = getattr(args, name)
+    sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    if sampling:
+        request["sampling"] = sampling
+    audio = Path(args.audio).read_bytes() if args.audio else None
+    tools = ToolRegistry()
+    if args.tools == "web_search":
+        if not args.search_results:
+            print("error: --tools web_search needs --search-results FILE (the search backend)", file=sys.stderr)
+            return 2
+        tool = WebSearchTool(FileSearchBackend(args.search_results))
+        tools.register(tool.schema, tool)
+
+    def show(event: dict) -> None:
+        if args.stream and not args.json and event.get("type") == "text":
+            sys.stdout.write(event["text"])
+            sys.stdout.flush()
+        elif not args.json and event.get("type") == "tool_call":
+            print(f"\n[tool call] {json.dumps(event['call'], ensure_ascii=False)}", flush=True)
+
+    try:
+        with StepAudio2Client(args.url) as client:
+            result = Session(client, tools).ask(request, audio, on_event=show)
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if exc.status == "INVALID_ARGUMENT" else 1
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "type"}, ensure_ascii=False))
+    else:
+        if not args.stream:
+            print(result["text"] or result["tts_text"], end="")
+        print()
+        if result["audio_codes"]:
+            print(f"[{len(result['audio_codes'])} audio codes]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

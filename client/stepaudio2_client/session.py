@@ -1,0 +1,65 @@
+"""Multi-turn sessions held by the client: the history travels with each request as `messages`.
+
+A tool call in a reply is run through the registry and its result sent back as an `input` turn; the model then
+answers (spoken, for speech tasks) in the same session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from stepaudio2_client.client import StepAudio2Client
+from stepaudio2_client.tools import ToolRegistry
+
+TOOL_RESULT_INSTRUCTION = "\n\n\n请用口语化形式总结检索结果，简短地回答用户的问题。"
+MAX_TOOL_ROUNDS = 4
+
+
+class Session:
+    def __init__(self, client: StepAudio2Client, tools: ToolRegistry | None = None) -> None:
+        self.client = client
+        self.tools = tools or ToolRegistry()
+        self.messages: list[dict] | None = None  # full conversation (wire form) after the last reply
+        self.generation: str | None = None
+        self.audio: bytes | None = None  # the conversation's audio (one clip per session)
+
+    def ask(
+        self, request: dict[str, Any], audio: bytes | None = None, on_event: Callable[[dict], None] | None = None
+    ) -> dict:
+        """First turn: a task request (tools from the registry are added). Runs tool rounds automatically."""
+        if self.tools.schemas() and "tools" not in request:
+            request = {**request, "tools": self.tools.schemas()}
+        self.audio = audio
+        result = self._run(request, on_event)
+        rounds = 0
+        while result.get("tool_calls") and rounds < MAX_TOOL_ROUNDS:
+            rounds += 1
+            outputs = "\n".join(self.tools.run(call) for call in result["tool_calls"])
+            result = self.follow_up({"role": "input", "content": outputs + TOOL_RESULT_INSTRUCTION},
+                                    request.get("sampling"), on_event)
+        return result
+
+    def follow_up(self, turn: dict, sampling: dict | None = None, on_event=None) -> dict:
+        """Send one more turn (human text or a tool result) in this conversation."""
+        if self.messages is None:
+            raise RuntimeError("follow_up before the first ask()")
+        request = {"messages": [*self.messages, turn], "generation": self.generation}
+        if sampling:
+            request["sampling"] = sampling
+        return self._run(request, on_event)
+
+    def _run(self, request: dict, on_event) -> dict:
+        result: dict | None = None
+        for event in self._events(request):
+            if on_event is not None:
+                on_event(event)
+            if event.get("type") == "result":
+                result = event
+        assert result is not None  # the client raises when the stream ends without one
+        self.messages = [*result["messages"], result["assistant_turn"]]
+        self.generation = result["generation"]
+        return result
+
+    def _events(self, request: dict) -> Iterator[dict]:
+        yield from self.client.stream(request, self.audio)
