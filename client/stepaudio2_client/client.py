@@ -22,9 +22,17 @@ class ClientError(Exception):
         self.message = message
 
 
-def _status(exc: InferenceServerException) -> str:
-    raw = str(exc.status() or "UNKNOWN")
-    return raw.split(".")[-1]
+def _error(exc: InferenceServerException) -> ClientError:
+    """Status from gRPC, or, on streams (which carry only a message), from the server's "[STATUS] " prefix."""
+    message = exc.message() or ""
+    status = str(exc.status() or "").split(".")[-1]
+    while message.startswith("[") and "] " in message:  # prefixes may nest when a stage's error is relayed
+        head, rest = message[1:].split("] ", 1)
+        if not (head.replace("_", "").isalpha() and head.isupper()):
+            break
+        status = status if status not in ("", "UNKNOWN") else head
+        message = rest
+    return ClientError(status or "UNKNOWN", message)
 
 
 class StepAudio2Client:
@@ -80,7 +88,7 @@ class StepAudio2Client:
                     raise ClientError("DEADLINE_EXCEEDED", f"no event for {timeout} s") from exc
                 if error is not None:
                     finished = True
-                    raise ClientError(_status(error), error.message())
+                    raise _error(error)
                 response = result.get_response()
                 out = result.as_numpy("event")
                 if out is not None and out.size:

@@ -12,12 +12,27 @@ from stepaudio2.errors import InvalidInputError
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
-    """Map a project exception to a TritonError with the right gRPC status."""
+    """Map a project exception to a TritonError with the right gRPC status.
+
+    gRPC *streams* (decoupled models) carry only an error message, not a status, so the status name also
+    leads the message as "[STATUS] ..."; the client library reads it back from there.
+    """
     if isinstance(exc, InvalidInputError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
-    if isinstance(exc, QueueFullError):
-        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
-    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+        code, name, text = pb_utils.TritonError.INVALID_ARG, "INVALID_ARGUMENT", str(exc)
+    elif isinstance(exc, QueueFullError):
+        code, name, text = pb_utils.TritonError.UNAVAILABLE, "UNAVAILABLE", str(exc)
+    else:
+        code, name, text = pb_utils.TritonError.INTERNAL, "INTERNAL", f"{type(exc).__name__}: {exc}"
+    return pb_utils.TritonError(f"[{name}] {text}", code)
+
+
+def strip_status(message: str) -> tuple[str | None, str]:
+    """Inverse of the "[STATUS] " prefix: (status or None, message without it)."""
+    if message.startswith("[") and "] " in message:
+        head, rest = message[1:].split("] ", 1)
+        if head.replace("_", "").isalpha() and head.isupper():
+            return head, rest
+    return None, message
 
 
 def optional_input(pb_utils: Any, request: Any, name: str) -> np.ndarray | None:

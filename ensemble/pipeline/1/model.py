@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from stepaudio2.serving.triton_utils import (
     bytes_value,
     json_value,
     optional_input,
+    strip_status,
     triton_error,
 )
 from stepaudio2.text import StepAudio2Tokenizer
@@ -63,13 +65,18 @@ class TritonPythonModel:
                 inputs += [pb_utils.Tensor("audio_embeds", np.concatenate(chunks, axis=0).astype(np.float32)),
                            pb_utils.Tensor("audio_spans", np.asarray(spans, np.int64).reshape(-1, 2))]
             inputs.append(bytes_tensor(pb_utils, "sampling", json.dumps(sampling.to_dict())))
+            # Server-generated id: the handle to cancel this sequence (BLS response iterators of this Triton
+            # version cannot cancel, so the pipeline tells the llm model directly).
+            sequence_id = uuid.uuid4().hex
+            inputs.append(bytes_tensor(pb_utils, "sequence_id", sequence_id))
             stream = pb_utils.InferenceRequest(
                 model_name="llm", inputs=inputs, requested_output_names=["token_ids", "finish_reason"]
             ).exec(decoupled=True)
             for resp in stream:
                 if request.is_cancelled():
-                    if hasattr(stream, "cancel"):
-                        stream.cancel()  # frees the LLM slot at its next step
+                    _cancel_sequence(sequence_id)  # frees the LLM slot at its next step
+                    for _ in stream:  # drain: the llm ends this stream with finish_reason "cancelled"
+                        pass
                     raise _Cancelled()
                 _raise_for(resp, "llm")
                 tokens = pb_utils.get_output_tensor_by_name(resp, "token_ids")
@@ -105,13 +112,22 @@ class TritonPythonModel:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _cancel_sequence(sequence_id: str) -> None:
+    control = pb_utils.InferenceRequest(
+        model_name="llm", inputs=[bytes_tensor(pb_utils, "cancel", sequence_id)], requested_output_names=[]
+    )
+    for _ in control.exec(decoupled=True):
+        pass
+
+
 def _raise_for(resp, stage: str) -> None:
     """Re-raise a stage's error with its status kept: a bad request stays INVALID_ARGUMENT for the client."""
     if not resp.has_error():
         return
     err = resp.error()
+    _, message = strip_status(err.message())
     if err.code() == pb_utils.TritonError.INVALID_ARG:
-        raise InvalidInputError(err.message())
+        raise InvalidInputError(message)
     if err.code() == pb_utils.TritonError.UNAVAILABLE:
-        raise QueueFullError(err.message())
-    raise RuntimeError(f"{stage}: {err.message()}")
+        raise QueueFullError(message)
+    raise RuntimeError(f"{stage}: {message}")

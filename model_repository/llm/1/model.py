@@ -19,6 +19,7 @@ from stepaudio2.request import stop_ids
 from stepaudio2.serving.metrics import LLMMetrics
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
+    bytes_value,
     json_value,
     optional_input,
     required_input,
@@ -52,6 +53,7 @@ class TritonPythonModel:
             on_step=self._on_step,
         )
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
+        self.cancelled: set[str] = set()  # sequence ids cancelled by the pipeline (thread-safe set ops)
         self.worker = threading.Thread(target=self.batcher.run, name="llm-continuous-batching", daemon=True)
         self.worker.start()
 
@@ -81,6 +83,7 @@ class TritonPythonModel:
             chunks = [embeds[offsets[k] : offsets[k + 1]] for k in range(len(span_list))]
         prompt = splice_audio(self.backend.embed(ids.tolist()), chunks, span_list)
         sampling = SamplingParams.from_dict(json_value(optional_input(pb_utils, request, "sampling"), "sampling") or {})
+        seq_id = (bytes_value(optional_input(pb_utils, request, "sequence_id")) or b"").decode() or None
         state = {"last": arrived, "first": True}
 
         def on_token(token: int) -> None:
@@ -93,6 +96,7 @@ class TritonPythonModel:
             ]))
 
         def on_finish(reason: str) -> None:
+            self.cancelled.discard(seq_id)
             self.metrics.finished(reason)
             if reason.startswith("error"):
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(reason)), flags=FINAL)
@@ -109,12 +113,17 @@ class TritonPythonModel:
             stop_ids=frozenset(stop_ids(self.tokenizer, self.config, sampling)),
             on_token=on_token,
             on_finish=on_finish,
-            is_cancelled=request.is_cancelled,
+            is_cancelled=lambda: request.is_cancelled() or (seq_id is not None and seq_id in self.cancelled),
         )
 
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
+            cancel = bytes_value(optional_input(pb_utils, request, "cancel"))
+            if cancel is not None:  # control request: mark, answer at once; the slot frees at the next step
+                self.cancelled.add(cancel.decode())
+                sender.send(flags=FINAL)
+                continue
             try:
                 self.batcher.submit(self._sequence(request, sender, time.perf_counter()))
             except Exception as exc:
