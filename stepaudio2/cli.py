@@ -46,24 +46,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stepaudio2.text import TextDelta
 
     pipe = ReferencePipeline(args.checkpoint, engine=args.engine, repository=args.repository)
+    speech = None
+    if args.out_wav:
+        from stepaudio2.speech import SpeechOutput
+
+        speech = SpeechOutput(args.checkpoint, args.voice)
     request = GenerationRequest(
         task=args.task,
         text=args.text,
         audio=load_audio_input(args.audio) if args.audio else None,
         tools=_load_tools(args.tools),
         speed=args.speed,
-        voice=args.voice,
+        voice=args.voice_style,
         target_language=args.target_language,
         sampling=sampling_from_args(args, args.task),
     )
-    result = None
-    for item in pipe.stream(request):
+    result, pcm, first_audio = None, [], None
+    items = pipe.stream(request)
+    if speech is not None and args.stream:
+        from stepaudio2.speech import SpeechChunk
+
+        items = speech.stream(items, seed=request.sampling.seed or 0)
+    for item in items:
         if isinstance(item, GenerationResult):
             result = item
         elif isinstance(item, TextDelta) and not args.json:
             sys.stdout.write(item.text)
             sys.stdout.flush()
+        elif speech is not None and args.stream and isinstance(item, SpeechChunk):
+            if first_audio is None and item.samples.size:
+                first_audio = item.at_s
+            pcm.append(item.samples)
     assert result is not None
+    if speech is not None:
+        _write_speech(args, speech, result, pcm, first_audio)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -78,6 +94,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _write_speech(args: argparse.Namespace, speech, result, pcm: list, first_audio: float | None) -> None:
+    import numpy as np
+
+    from stepaudio2.audio import encode_wav
+
+    if not result.audio_codes:
+        print("[no speech codes in the reply: nothing written]", file=sys.stderr)
+        return
+    wav = np.concatenate(pcm) if args.stream else speech.offline(result.audio_codes, seed=result_seed(args))
+    Path(args.out_wav).write_bytes(encode_wav(wav, speech.sample_rate))
+    note = f", first audio chunk after {first_audio * 1000:.0f} ms" if first_audio is not None else ""
+    print(f"[wrote {args.out_wav}: {wav.size / speech.sample_rate:.2f} s at {speech.sample_rate} Hz{note}]",
+          file=sys.stderr)
+
+
+def result_seed(args: argparse.Namespace) -> int:
+    return args.seed or 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -146,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="text input (the human turn)")
     p.add_argument("--tools", help="'web_search' or a JSON file with OpenAI-style tool schemas")
     p.add_argument("--speed", choices=["slow", "normal", "fast"])
-    p.add_argument("--voice", choices=["female", "male"])
+    p.add_argument("--voice-style", dest="voice_style", choices=["female", "male"],
+                   help="ask the model for a female/male speaking style (instruction in the prompt)")
+    p.add_argument("--voice", help="reference wav of the voice to speak in (default: the bundled voice)")
+    p.add_argument("--out-wav", dest="out_wav", help="write the spoken reply (24 kHz) here")
+    p.add_argument("--stream", action="store_true", help="synthesise chunk by chunk as codes arrive")
     p.add_argument("--target-language", dest="target_language")
     p.add_argument("--engine", default="torch", choices=["torch", "onnx"])
     p.add_argument("--repository", help="model repository for --engine onnx (default: beside the checkpoint)")

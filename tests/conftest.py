@@ -23,3 +23,11 @@ def tiny_model(tiny_checkpoint: Path):
     from stepaudio2.models.step_audio2 import load_model
 
     return load_model(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLM + token2wav/, for speech replies end to end."""
+    from stepaudio2.export.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tinyfull") / "ckpt", seed=0, preset="tiny")
