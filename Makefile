@@ -16,9 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/stepaudio2 tiny --out $(BUILD)/tiny --seed 0
-	$(BIN)/stepaudio2 generate --checkpoint $(BUILD)/tiny --task asr --audio stepaudio2/assets/hello_en.wav --max-new-tokens 24
-	$(BIN)/stepaudio2 generate --checkpoint $(BUILD)/tiny --task chat --text "Hello, who are you?" --max-new-tokens 24 --json
+	scripts/demo.sh
 
 test: $(STAMP)
 	$(BIN)/ruff check .
