@@ -73,6 +73,60 @@ def test_asr_served_equals_reference_and_streams(client: StepAudio2Client, refer
     assert plain.replace("", "") == result["text"] or result["tool_calls"]
 
 
+TEXT_TASKS = [
+    ({"task": "asr"}, "hello_en.wav"),
+    ({"task": "translate"}, "nihao_zh.wav"),
+    ({"task": "translate", "target_language": "en"}, "nihao_zh.wav"),
+    ({"task": "caption"}, "weather_en.wav"),
+    ({"task": "analyze"}, "hello_en.wav"),
+    ({"task": "audio-qa", "text": "Is the speaker asking a question?"}, "weather_en.wav"),
+    ({"task": "chat", "text": "Tell me a joke."}, None),
+    ({"task": "chat"}, "hello_en.wav"),
+]
+
+
+@pytest.mark.parametrize(("req", "clip"), TEXT_TASKS, ids=[f"{r['task']}-{c}" for r, c in TEXT_TASKS])
+def test_every_text_preset_greedy_equals_reference(
+    client: StepAudio2Client, reference: ReferencePipeline, req: dict, clip: str | None
+) -> None:
+    audio = ASSETS / clip if clip else None
+    req = {**req, "sampling": {"temperature": 0, "max_new_tokens": 12}}
+    got = client.generate(req, audio.read_bytes() if audio else None)
+    ref = _ref(reference, audio=audio, **req)
+    assert got["token_ids"] == ref["token_ids"]
+    assert got["text"] == ref["text"] and got["generation"] == "text"
+
+
+def test_eight_concurrent_streams_equal_alone_and_batch(server: ServerConfig, reference: ReferencePipeline) -> None:
+    clips = ["hello_en.wav", "nihao_zh.wav", "weather_en.wav", None]
+    jobs = [({"task": "chat" if clips[i % 4] is None else "asr", "text": f"request {i}" if clips[i % 4] is None else None,
+              "sampling": {"max_new_tokens": 24 + i}}, ASSETS / clips[i % 4] if clips[i % 4] else None)
+            for i in range(8)]
+    jobs = [({k: v for k, v in r.items() if v is not None}, a) for r, a in jobs]
+    before = _metrics(server)
+    results: list = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        req, audio = jobs[i]
+        with StepAudio2Client(f"127.0.0.1:{server.grpc_port}") as c:
+            results[i] = [e for e in c.stream(req, audio.read_bytes() if audio else None)][-1]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for (req, audio), got in zip(jobs, results, strict=True):
+        assert got is not None and got["token_ids"] == _ref(reference, audio=audio, **req)["token_ids"], req
+    after = _metrics(server)
+    # Decode steps that ran more than one sequence: total steps minus the steps in the le="1" bucket.
+    count = 'stepaudio2_llm_decode_batch_size_count{model="llm"}'
+    single = 'stepaudio2_llm_decode_batch_size_bucket{model="llm",le="1"}'
+    multi = (_metric_value(after, count) - _metric_value(before, count)) - (
+        _metric_value(after, single) - _metric_value(before, single))
+    assert multi > 0
+
+
 def test_concurrent_requests_each_equal_their_reference(server: ServerConfig, reference: ReferencePipeline) -> None:
     jobs = [
         ({"task": "asr", "sampling": {"max_new_tokens": 12}}, ASSETS / "hello_en.wav"),
@@ -123,6 +177,67 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(
     assert len(ok["token_ids"]) >= 1
 
 
+def _wav(samples, sr: int = 16000, subtype: str = "PCM_16") -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(samples, dtype=np.float32), sr, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "request_obj", "audio", "needle"),
+    [
+        ("empty audio", {"task": "asr"}, lambda: _wav([]), "empty"),
+        ("NaN samples", {"task": "asr"}, lambda: _wav([0.1, float("nan")] * 4000, subtype="FLOAT"), "NaN"),
+        ("too long", {"task": "asr", "audio_format": {"sample_rate": 8000, "dtype": "int16"}},
+         lambda: bytes(2 * 8000 * 601), "600"),
+        ("malformed messages", {"messages": "not a list"}, lambda: None, "messages"),
+        ("bad tools", {"task": "chat", "text": "hi", "tools": [{"type": "function"}]}, lambda: None, "tool"),
+    ],
+)
+def test_more_bad_input_is_invalid_argument(client: StepAudio2Client, name, request_obj, audio, needle) -> None:
+    with pytest.raises(ClientError) as err:
+        client.generate(request_obj, audio())
+    assert err.value.status == "INVALID_ARGUMENT", name
+    assert needle in err.value.message, (name, err.value.message)
+    assert client.generate({"task": "chat", "text": "ok?", "sampling": {"max_new_tokens": 2}})["token_ids"]
+
+
+def test_malformed_request_json_and_wrong_tensor_shapes(server: ServerConfig) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    url = f"127.0.0.1:{server.grpc_port}"
+    with StepAudio2Client(url) as c:
+        raw = grpcclient.InferInput("request", [1], "BYTES")
+        raw.set_data_from_numpy(np.array([b"{not json"], dtype=np.object_))
+        events = []
+        c._grpc.start_stream(callback=lambda result, error: events.append(error))
+        c._grpc.async_stream_infer("pipeline", [raw], enable_empty_final_response=True)
+        for _ in range(100):
+            if events:
+                break
+            threading.Event().wait(0.1)
+        c._grpc.stop_stream()
+        assert events and events[0] is not None and "not valid UTF-8 JSON" in events[0].message()
+    g = grpcclient.InferenceServerClient(url)
+    for mel, length in [(np.zeros((1, 128, 50), np.int64), 48), (np.zeros((128, 50), np.float32), 48),
+                        (np.zeros((1, 80, 50), np.float32), 48), (np.zeros((1, 128, 50), np.float32), 99)]:
+        m = grpcclient.InferInput("mel", list(mel.shape), "INT64" if mel.dtype == np.int64 else "FP32")
+        m.set_data_from_numpy(mel)
+        n = grpcclient.InferInput("mel_length", [1, 1], "INT64")
+        n.set_data_from_numpy(np.array([[length]], np.int64))
+        with pytest.raises(InferenceServerException) as err:
+            g.infer("audio_encoder", [m, n])
+        assert "INVALID_ARGUMENT" in str(err.value.status()), (mel.shape, mel.dtype, err.value.message())
+    g.close()
+
+
 def _metrics(server: ServerConfig) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
         return resp.read().decode()
@@ -152,6 +267,8 @@ def test_cancel_frees_the_request_and_metrics_record_it(client: StepAudio2Client
     assert _metric_value(text, 'stepaudio2_llm_requests_finished_total{model="llm",reason="cancelled"}') > before
     assert _metric_value(text, "stepaudio2_time_to_first_token_seconds_count") >= 1
     assert _metric_value(text, "stepaudio2_generated_tokens_total") >= 2
+    assert _metric_value(text, 'stepaudio2_llm_active_sequences{model="llm"}') == 0  # the slot was freed
+    assert _metric_value(text, 'stepaudio2_llm_kv_slots_total{model="llm"}') >= 1
     assert "nv_inference_request_success" in text
 
 

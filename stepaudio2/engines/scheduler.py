@@ -185,7 +185,7 @@ class ContinuousBatcher:
                     self.running.remove(s)
                     s.req.on_finish(s.done)
             running, waiting = len(self.running), len(self.waiting)
-        if self.on_step is not None and cont:
+        if self.on_step is not None:  # also after the last retire, so gauges fall back to 0
             self.on_step(len(cont), running, waiting)
         return running
 

@@ -14,7 +14,9 @@ TTFT = "stepaudio2_time_to_first_token_seconds"
 TOKENS = "stepaudio2_generated_tokens_total"
 FINISHED = "stepaudio2_llm_requests_finished_total"
 REJECTED = "stepaudio2_llm_requests_rejected_total"
-ACTIVE = "stepaudio2_llm_active_sequences"
+ACTIVE = "stepaudio2_llm_active_sequences"  # = KV slots in use (one slot per running sequence)
+SLOTS = "stepaudio2_llm_kv_slots_total"
+TOOL_CALLS = "stepaudio2_tool_calls_total"
 QUEUE = "stepaudio2_llm_queue_depth"
 BATCH = "stepaudio2_llm_decode_batch_size"
 INTER_TOKEN = "stepaudio2_inter_token_seconds"
@@ -32,7 +34,8 @@ class LLMMetrics:
             TOKENS: MF(TOKENS, "Generated tokens", MF.COUNTER),
             FINISHED: MF(FINISHED, "Finished generation requests by reason", MF.COUNTER),
             REJECTED: MF(REJECTED, "Requests rejected because the LLM was at capacity", MF.COUNTER),
-            ACTIVE: MF(ACTIVE, "Sequences in the running decode batch", MF.GAUGE),
+            ACTIVE: MF(ACTIVE, "Sequences in the running decode batch (KV slots in use)", MF.GAUGE),
+            SLOTS: MF(SLOTS, "KV slots configured (max concurrent sequences)", MF.GAUGE),
             QUEUE: MF(QUEUE, "Requests waiting for a KV slot", MF.GAUGE),
             BATCH: MF(BATCH, "Sequences per decode step", MF.HISTOGRAM),
         }
@@ -42,6 +45,7 @@ class LLMMetrics:
         self.tokens = f[TOKENS].Metric(labels=labels)
         self.rejected = f[REJECTED].Metric(labels=labels)
         self.active = f[ACTIVE].Metric(labels=labels)
+        self.slots_total = f[SLOTS].Metric(labels=labels)
         self.queue = f[QUEUE].Metric(labels=labels)
         self.batch = f[BATCH].Metric(labels=labels, buckets=BATCH_BUCKETS)
         self._finished: dict[str, Any] = {}
@@ -52,3 +56,18 @@ class LLMMetrics:
         if key not in self._finished:
             self._finished[key] = self.families[FINISHED].Metric(labels={**self._labels, "reason": key})
         self._finished[key].increment(1)
+
+
+class PipelineMetrics:
+    """Tool calls the model made, by tool name (bounded by the tools a deployment offers)."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        MF = pb_utils.MetricFamily
+        self.family = MF(TOOL_CALLS, "Tool calls emitted by the model", MF.COUNTER)
+        self._labels = {"model": model}
+        self._by_name: dict[str, Any] = {}
+
+    def tool_call(self, name: str) -> None:
+        if name not in self._by_name:
+            self._by_name[name] = self.family.Metric(labels={**self._labels, "tool": name[:64]})
+        self._by_name[name].increment(1)

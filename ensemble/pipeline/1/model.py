@@ -17,6 +17,7 @@ from stepaudio2.errors import InvalidInputError
 from stepaudio2.pipeline import GenerationResult, run_pipeline
 from stepaudio2.request import request_from_json
 from stepaudio2.serving.events import event_dict
+from stepaudio2.serving.metrics import PipelineMetrics
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
@@ -25,7 +26,7 @@ from stepaudio2.serving.triton_utils import (
     strip_status,
     triton_error,
 )
-from stepaudio2.text import StepAudio2Tokenizer
+from stepaudio2.text import StepAudio2Tokenizer, ToolCallEvent
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -40,6 +41,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
         self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
+        self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.pool = ThreadPoolExecutor(int(params.get("max_concurrent_requests", 64)), thread_name_prefix="pipeline")
 
     # ---- stages over BLS ----------------------------------------------------------------------------------
@@ -94,6 +96,8 @@ class TritonPythonModel:
             req = request_from_json(obj, bytes_value(optional_input(pb_utils, request, "audio")))
             for item in run_pipeline(self.tokenizer, req, self._encode, self._generate_with(request)):
                 payload = {"type": "result", **item.to_json()} if isinstance(item, GenerationResult) else event_dict(item)
+                if isinstance(item, ToolCallEvent):
+                    self.metrics.tool_call(item.call.name)
                 if payload is not None:
                     sender.send(pb_utils.InferenceResponse(output_tensors=[
                         bytes_tensor(pb_utils, "event", json.dumps(payload, ensure_ascii=False))]))

@@ -53,13 +53,15 @@ class TritonPythonModel:
             on_step=self._on_step,
         )
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
+        self.metrics.slots_total.set(self.batcher.max_slots)
         self.cancelled: set[str] = set()  # sequence ids cancelled by the pipeline (thread-safe set ops)
         self.worker = threading.Thread(target=self.batcher.run, name="llm-continuous-batching", daemon=True)
         self.worker.start()
 
     def _on_step(self, batch_size: int, active: int, waiting: int) -> None:
-        self.metrics.batch.observe(batch_size)
-        self.metrics.active.set(active)
+        if batch_size:
+            self.metrics.batch.observe(batch_size)
+        self.metrics.active.set(active)  # one KV slot per running sequence
         self.metrics.queue.set(waiting)
 
     def _sequence(self, request, sender, arrived: float) -> SequenceRequest:
