@@ -24,6 +24,8 @@ trap 'kill -INT $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do grep -q "^ready" "$OUT/serve.log" && break; kill -0 $SERVER || { cat "$OUT/serve.log"; exit 1; }; sleep 1; done
 grep "^ready" "$OUT/serve.log"
 $BIN/stepaudio2-client --url "127.0.0.1:$PORT_GRPC" --task asr --audio stepaudio2/assets/nihao_zh.wav --max-new-tokens 24 --stream
+$BIN/stepaudio2-client --url "127.0.0.1:$PORT_GRPC" --task translate --audio stepaudio2/assets/weather_en.wav --max-new-tokens 24 --stream
+$BIN/stepaudio2-client --url "127.0.0.1:$PORT_GRPC" --task chat --text "What can you do?" --max-new-tokens 24 --stream
 $BIN/stepaudio2-client --url "127.0.0.1:$PORT_GRPC" --task chat --text "What can you do?" --max-new-tokens 24 --json
 echo "== metrics (excerpt)"
 curl -s "http://127.0.0.1:$PORT_METRICS/metrics" | grep -E "^stepaudio2_(time_to_first_token_seconds_count|generated_tokens_total|llm_requests_finished_total)" || true

@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         tool = WebSearchTool(FileSearchBackend(args.search_results))
         tools.register(tool.schema, tool)
 
+    import time
+
+    started, first = time.perf_counter(), []
+
     def show(event: dict) -> None:
+        if not first and event.get("type") in ("text", "audio_codes", "tool_call"):
+            first.append(time.perf_counter() - started)
         if args.stream and not args.json and event.get("type") == "text":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
@@ -88,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         if result["audio_codes"]:
             print(f"[{len(result['audio_codes'])} audio codes]")
+        ttft = f"first event {first[0] * 1000:.0f} ms, " if first else ""
+        print(f"[{len(result['token_ids'])} tokens, {result['finish_reason']}; {ttft}"
+              f"total {time.perf_counter() - started:.2f} s]", file=sys.stderr)
     return 0
 
 
