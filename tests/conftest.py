@@ -31,3 +31,13 @@ def tiny_checkpoint_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stepaudio2.export.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tinyfull") / "ckpt", seed=0, preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tok(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny tokenizer alone (text-protocol tests need no weights)."""
+    from stepaudio2.text import StepAudio2Tokenizer, write_tokenizer_files
+
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer_files(d, base_vocab_size=1024)
+    return StepAudio2Tokenizer.from_dir(d)

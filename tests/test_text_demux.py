@@ -15,15 +15,7 @@ from stepaudio2.text import (
     demux_all,
     parse_tool_calls,
     tool_schemas_json,
-    write_tokenizer_files,
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> StepAudio2Tokenizer:
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(d, base_vocab_size=1024)
-    return StepAudio2Tokenizer.from_dir(d)
 
 
 def _ta4(tok: StepAudio2Tokenizer, text: str, codes: list[int]) -> list[int]:

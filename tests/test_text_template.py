@@ -15,16 +15,7 @@ from stepaudio2.text import (
     list_tasks,
     render_prompt,
     tool_result_turn,
-    write_tokenizer_files,
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory: pytest.TempPathFactory) -> StepAudio2Tokenizer:
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer_files(d, base_vocab_size=1024)
-    return StepAudio2Tokenizer.from_dir(d)
-
 
 A2 = "<audio_start><audio_patch><audio_patch><audio_end>"
 
