@@ -97,6 +97,19 @@ def test_every_text_preset_greedy_equals_reference(
     assert got["text"] == ref["text"] and got["generation"] == "text"
 
 
+@pytest.mark.parametrize(("req", "clip"), [({"task": "asr"}, "hello_en.wav"), ({"task": "chat", "text": "hi"}, None),
+                                         ({"task": "voice-chat"}, "weather_en.wav")])
+def test_streaming_and_unary_ensemble_replies_are_identical(client: StepAudio2Client, req: dict, clip) -> None:
+    audio = (ASSETS / clip).read_bytes() if clip else None
+    req = {**req, "sampling": {"temperature": 0.7, "seed": 5, "max_new_tokens": 16}}
+    streamed = client.generate(req, audio)
+    unary = client.generate_unary(req, audio)
+    assert unary == streamed
+    with pytest.raises(ClientError) as err:
+        client.generate_unary({"task": "dance"})
+    assert err.value.status == "INVALID_ARGUMENT" and "dance" in err.value.message
+
+
 def test_eight_concurrent_streams_equal_alone_and_batch(server: ServerConfig, reference: ReferencePipeline) -> None:
     clips = ["hello_en.wav", "nihao_zh.wav", "weather_en.wav", None]
     jobs = [({"task": "chat" if clips[i % 4] is None else "asr", "text": f"request {i}" if clips[i % 4] is None else None,

@@ -58,7 +58,7 @@ class StepAudio2Client:
         req = grpcclient.InferInput("request", [1], "BYTES")
         req.set_data_from_numpy(np.array([json.dumps(request, ensure_ascii=False).encode()], dtype=np.object_))
         inputs = [req]
-        if audio:
+        if audio is not None:
             a = grpcclient.InferInput("audio", [1], "BYTES")
             a.set_data_from_numpy(np.array([audio], dtype=np.object_))
             inputs.append(a)
@@ -98,6 +98,17 @@ class StepAudio2Client:
                     return
         finally:
             self._grpc.stop_stream(cancel_requests=not finished)
+
+    def generate_unary(
+        self, request: dict[str, Any], audio: bytes | None = None, model: str = "text_generate", timeout: float = 300.0
+    ) -> dict:
+        """One request, one response, through the request/response ensemble (no stream)."""
+        inputs = self._inputs(request, audio or b"")
+        try:
+            result = self._grpc.infer(model, inputs, client_timeout=timeout)
+        except InferenceServerException as exc:
+            raise _error(exc) from exc
+        return json.loads(result.as_numpy("result").reshape(-1)[0])
 
     def generate(self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0) -> dict:
         """The final result object (same fields as `stepaudio2 generate --json`)."""

@@ -47,6 +47,8 @@ class ServerConfig:
 def _copy_tree(src: Path, dst: Path) -> None:
     """Copy config.pbtxt and model.py files (the tracked parts), keeping exported files already in `dst`."""
     for path in src.rglob("*"):
+        if path.is_dir() and path.name.isdigit():  # version folders (an ensemble's stays empty)
+            (dst / path.relative_to(src)).mkdir(parents=True, exist_ok=True)
         if path.is_file() and (path.name in ("config.pbtxt", "model.py")):
             target = dst / path.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)

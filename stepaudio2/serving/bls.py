@@ -1,0 +1,96 @@
+"""The pipeline's stage calls over BLS (audio_encoder, llm), shared by the streaming `pipeline` model and the
+request/response `generate` model. pb_utils is passed in: it exists only inside the Python backend stub."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from stepaudio2.engines.sampling import SamplingParams
+from stepaudio2.engines.scheduler import QueueFullError
+from stepaudio2.errors import InvalidInputError
+from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, strip_status
+
+
+class Cancelled(Exception):
+    """The client cancelled the request that these stage calls serve."""
+
+
+class BlsStages:
+    def __init__(self, pb_utils: Any, encoder_model: str = "audio_encoder", llm_model: str = "llm") -> None:
+        self.pb = pb_utils
+        self.encoder_model = encoder_model
+        self.llm_model = llm_model
+
+    def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
+        pb = self.pb
+        out = []
+        for mel, n in zip(mels, lengths, strict=True):
+            resp = pb.InferenceRequest(
+                model_name=self.encoder_model,
+                inputs=[pb.Tensor("mel", mel[None].astype(np.float32)),
+                        pb.Tensor("mel_length", np.array([[n]], np.int64))],
+                requested_output_names=["audio_embeds"],
+            ).exec()
+            self.raise_for(resp, self.encoder_model)
+            out.append(pb.get_output_tensor_by_name(resp, "audio_embeds").as_numpy()[0])
+        return out
+
+    def generator(self, is_cancelled: Callable[[], bool]):
+        """A `run_pipeline` generate function that streams tokens from the llm model."""
+        def generate(ids, chunks, spans, sampling: SamplingParams) -> Iterator[int | str]:
+            return self.generate(ids, chunks, spans, sampling, is_cancelled)
+
+        return generate
+
+    def generate(self, ids, chunks, spans, sampling: SamplingParams, is_cancelled) -> Iterator[int | str]:
+        pb = self.pb
+        inputs = [pb.Tensor("input_ids", np.asarray(ids, np.int64))]
+        if chunks:
+            inputs += [pb.Tensor("audio_embeds", np.concatenate(chunks, axis=0).astype(np.float32)),
+                       pb.Tensor("audio_spans", np.asarray(spans, np.int64).reshape(-1, 2))]
+        inputs.append(bytes_tensor(pb, "sampling", json.dumps(sampling.to_dict())))
+        # Server-generated id: the handle to cancel this sequence (BLS response iterators of this Triton
+        # version cannot cancel, so the caller tells the llm model directly).
+        sequence_id = uuid.uuid4().hex
+        inputs.append(bytes_tensor(pb, "sequence_id", sequence_id))
+        stream = pb.InferenceRequest(
+            model_name=self.llm_model, inputs=inputs, requested_output_names=["token_ids", "finish_reason"]
+        ).exec(decoupled=True)
+        for resp in stream:
+            if is_cancelled():
+                self.cancel(sequence_id)  # frees the LLM slot at its next step
+                for _ in stream:  # drain: the llm ends this stream with finish_reason "cancelled"
+                    pass
+                raise Cancelled()
+            self.raise_for(resp, self.llm_model)
+            tokens = pb.get_output_tensor_by_name(resp, "token_ids")
+            for tok in tokens.as_numpy().reshape(-1) if tokens is not None else ():
+                yield int(tok)
+            reason = pb.get_output_tensor_by_name(resp, "finish_reason")
+            if reason is not None:
+                yield bytes_value(reason.as_numpy()).decode()
+
+    def cancel(self, sequence_id: str) -> None:
+        control = self.pb.InferenceRequest(
+            model_name=self.llm_model, inputs=[bytes_tensor(self.pb, "cancel", sequence_id)],
+            requested_output_names=[],
+        )
+        for _ in control.exec(decoupled=True):
+            pass
+
+    def raise_for(self, resp: Any, stage: str) -> None:
+        """Re-raise a stage's error with its status kept: a bad request stays INVALID_ARGUMENT for the client."""
+        if not resp.has_error():
+            return
+        err = resp.error()
+        _, message = strip_status(err.message())
+        if err.code() == self.pb.TritonError.INVALID_ARG:
+            raise InvalidInputError(message)
+        if err.code() == self.pb.TritonError.UNAVAILABLE:
+            raise QueueFullError(message)
+        raise RuntimeError(f"{stage}: {message}")
