@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-PRESETS_DOC = "tiny: seconds to make and run; small: big enough for compute-bound benchmarks"
-
 
 @dataclass(frozen=True)
 class TinyPreset:

@@ -104,15 +104,11 @@ def _write_speech(args: argparse.Namespace, speech, result, pcm: list, first_aud
     if not result.audio_codes:
         print("[no speech codes in the reply: nothing written]", file=sys.stderr)
         return
-    wav = np.concatenate(pcm) if args.stream else speech.offline(result.audio_codes, seed=result_seed(args))
+    wav = np.concatenate(pcm) if args.stream else speech.offline(result.audio_codes, seed=args.seed or 0)
     Path(args.out_wav).write_bytes(encode_wav(wav, speech.sample_rate))
     note = f", first audio chunk after {first_audio * 1000:.0f} ms" if first_audio is not None else ""
     print(f"[wrote {args.out_wav}: {wav.size / speech.sample_rate:.2f} s at {speech.sample_rate} Hz{note}]",
           file=sys.stderr)
-
-
-def result_seed(args: argparse.Namespace) -> int:
-    return args.seed or 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

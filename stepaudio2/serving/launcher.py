@@ -161,6 +161,9 @@ class TritonProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self.proc = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
 
 
 def serve_forever(cfg: ServerConfig) -> int:
