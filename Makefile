@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUILD := .build
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean promtool
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,9 +18,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# promtool (Prometheus rule checks in tests/test_k8s.py) comes from Debian's prometheus package.
+promtool:
+	@command -v promtool >/dev/null || { SUDO=$$(command -v sudo || true); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

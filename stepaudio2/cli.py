@@ -146,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
+        extra_args=list(args.triton_args),
     )
     return serve_forever(cfg)
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--tritonserver", help="tritonserver binary (default: on PATH, else the nvidia-pytriton one)")
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
+    p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
+                   help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

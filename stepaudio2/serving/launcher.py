@@ -106,7 +106,10 @@ def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[li
     args = [str(binary), f"--model-repository={stages}", f"--model-repository={pipelines}", *args,
             f"--http-address={cfg.host}", f"--grpc-address={cfg.host}", f"--metrics-address={cfg.host}",
             f"--http-port={cfg.http_port}", f"--grpc-port={cfg.grpc_port}", f"--metrics-port={cfg.metrics_port}",
-            "--allow-gpu-metrics=false", "--exit-timeout-secs=10", *cfg.extra_args]
+            "--exit-timeout-secs=10"]
+    if cfg.engine == "onnx-cpu":  # no GPU to watch; the CPU build would log errors trying
+        args.append("--allow-gpu-metrics=false")
+    args += cfg.extra_args
     return args, env
 
 
