@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,25 @@ def tok(tmp_path_factory: pytest.TempPathFactory):
     d = tmp_path_factory.mktemp("tok")
     write_tokenizer_files(d, base_vocab_size=1024)
     return StepAudio2Tokenizer.from_dir(d)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real tritonserver (nvidia-pytriton binary, CPU, loopback) for every test that needs one."""
+    pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
+    from stepaudio2.serving.launcher import ServerConfig, TritonProcess
+
+    cfg = ServerConfig(
+        checkpoint=tiny_checkpoint_full, runtime=tmp_path_factory.mktemp("serve"),
+        grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+    )
+    proc = TritonProcess(cfg)
+    proc.start(timeout_s=300)
+    yield cfg
+    proc.stop()

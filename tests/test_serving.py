@@ -6,7 +6,6 @@ The in-process reference pipeline is the oracle: served tokens must equal it (gr
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,31 +20,13 @@ from stepaudio2.pipeline import GenerationRequest, ReferencePipeline, load_audio
 from .conftest import ASSETS
 
 pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
-from stepaudio2.serving.launcher import ServerConfig, TritonProcess  # noqa: E402
+from stepaudio2.serving.launcher import ServerConfig  # noqa: E402
 from stepaudio2_client import ClientError, Session, StepAudio2Client  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    cfg = ServerConfig(
-        checkpoint=tiny_checkpoint, runtime=tmp_path_factory.mktemp("serve"),
-        grpc_port=_free_port(), http_port=_free_port(), metrics_port=_free_port(),
-    )
-    proc = TritonProcess(cfg)
-    proc.start(timeout_s=300)
-    yield cfg
-    proc.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint: Path) -> ReferencePipeline:
-    return ReferencePipeline(tiny_checkpoint)
+def reference(tiny_checkpoint_full: Path) -> ReferencePipeline:
+    return ReferencePipeline(tiny_checkpoint_full)
 
 
 @pytest.fixture()

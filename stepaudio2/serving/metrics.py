@@ -21,6 +21,17 @@ QUEUE = "stepaudio2_llm_queue_depth"
 BATCH = "stepaudio2_llm_decode_batch_size"
 INTER_TOKEN = "stepaudio2_inter_token_seconds"
 
+# Speech (token2wav model and the streaming pipeline's speech routing), labels {model}.
+TTFA = "stepaudio2_time_to_first_audio_seconds"  # histogram: request arrival -> first PCM chunk sent
+CHUNK_GAP = "stepaudio2_audio_chunk_gap_seconds"  # histogram: time between consecutive PCM chunks of a stream
+UNDERRUNS = "stepaudio2_audio_underruns_total"  # chunks that arrived after the previous audio ran out
+AUDIO_SECONDS = "stepaudio2_audio_generated_seconds_total"  # seconds of 24 kHz audio produced
+T2W_COMPUTE = "stepaudio2_token2wav_compute_seconds_total"  # wall time spent synthesising (RTF = this / audio)
+T2W_ACTIVE = "stepaudio2_token2wav_active_streams"  # gauge: open synthesis streams (server-side state)
+T2W_BATCH = "stepaudio2_token2wav_batch_streams"  # histogram: streams per batched estimator call
+T2W_QUEUE = "stepaudio2_token2wav_queue_depth"  # gauge: chunks waiting for the synthesis loop
+SESSIONS = "stepaudio2_pipeline_sessions"  # gauge: server-held multi-turn sessions
+
 
 class LLMMetrics:
     """Keeps each MetricFamily alive as long as its metrics (python backend requirement)."""
