@@ -4,6 +4,8 @@ Layout written (version folder 1 of each stage; build outputs, git-ignored):
 
     <repo>/audio_encoder/1/audio_encoder.onnx
     <repo>/llm/1/llm_decoder.onnx, embed_tokens.npy, config.json + tokenizer files
+    <repo>/token2wav/1/flow.yaml, flow.pt, hift.pt, campplus.onnx, speech_tokenizer_v2_25hz.onnx (when the
+                       checkpoint has token2wav/; read by the token2wav and voice_prompt models)
     <repo>/export.json   manifest: checkpoint hash, graph hashes, I/O shapes, opset, precision, versions
 
 Re-running with an unchanged checkpoint and code is a no-op (the manifest's input hash matches).
@@ -25,6 +27,7 @@ EXPORT_FORMAT_VERSION = 1  # bump when the graphs' signatures change, to force a
 RUNTIME_FILES = (
     "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json", "tokenizer.json",
 )
+TOKEN2WAV_FILES = ("flow.yaml", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2_25hz.onnx")
 # ONNX graphs are exported in fp32 (the CPU embedded default). fp16/bf16 are TensorRT builder precisions
 # (`stepaudio2 build-engines --precision`), applied when plans are built from these graphs on a GPU.
 PRECISIONS = ("fp32",)
@@ -122,6 +125,14 @@ def export_checkpoint(
     for name in RUNTIME_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, llm_dir / name)
+    t2w_src = ckpt / "token2wav"
+    if t2w_src.is_dir():
+        t2w_dir = repo / "token2wav" / "1"
+        t2w_dir.mkdir(parents=True, exist_ok=True)
+        for name in TOKEN2WAV_FILES:
+            if not (t2w_src / name).is_file():
+                raise InvalidInputError(f"checkpoint token2wav/ has no {name}")
+            shutil.copy2(t2w_src / name, t2w_dir / name)
 
     manifest = {
         "format_version": EXPORT_FORMAT_VERSION,
