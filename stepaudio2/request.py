@@ -121,7 +121,7 @@ def stop_ids(tokenizer, config, params: SamplingParams) -> set[int]:
 def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
     """Audio features + prompt ids for a request: the one prompt builder of the reference and served pipelines."""
     from stepaudio2.audio import prepare_audio
-    from stepaudio2.text import build_messages, encode_prompt
+    from stepaudio2.text import build_messages, check_tool_results, encode_prompt
 
     mels: list[np.ndarray] = []
     lengths: list[int] = []
@@ -147,6 +147,7 @@ def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
             voice=request.voice,
             target_language=request.target_language,
         )
+    check_tool_results(messages, tokenizer.decode)
     encoded = encode_prompt(tokenizer, messages, generation=generation)
     if len(encoded.audio_spans) != len(mels):
         raise InvalidInputError(

@@ -26,6 +26,35 @@ class FileSearchBackend:
         return scored
 
 
+class WavWriter:
+    """16-bit mono wav written as chunks arrive (the header is finalised on close)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.rate = 24000
+        self.samples = 0
+        self._wav = None
+
+    def write(self, pcm, rate: int) -> None:
+        import wave
+
+        import numpy as np
+
+        if self._wav is None:
+            self.rate = rate
+            self._wav = wave.open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            self._wav.setnchannels(1)
+            self._wav.setsampwidth(2)
+            self._wav.setframerate(rate)
+        data = (np.clip(np.asarray(pcm, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+        self._wav.writeframes(data.tobytes())
+        self.samples += data.size
+
+    def close(self) -> None:
+        if self._wav is not None:
+            self._wav.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stepaudio2-client", description="Step-Audio-2 gRPC client")
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT")
@@ -35,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print the result object (as `stepaudio2 generate --json`)")
     p.add_argument("--speed", choices=["slow", "normal", "fast"])
-    p.add_argument("--voice", choices=["female", "male"])
+    p.add_argument("--voice-style", dest="voice_style", choices=["female", "male"],
+                   help="ask the model for a female/male speaking style (instruction in the prompt)")
+    p.add_argument("--voice", help="reference wav of the voice to speak in (default: the server's voice)")
+    p.add_argument("--out-wav", dest="out_wav", help="write spoken replies here (24 kHz mono), chunk by chunk")
+    p.add_argument("--speech-output", dest="speech_output", choices=["stream", "offline", "none"],
+                   help="speech synthesis mode of the server (default: stream)")
     p.add_argument("--target-language", dest="target_language")
     p.add_argument("--tools", choices=["web_search"], help="offer tools to the model; calls run in this client")
     p.add_argument("--search-results", help="JSON file the web_search tool answers from")
@@ -52,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request = {"task": args.task}
-    for name in ("text", "speed", "voice", "target_language"):
+    for name in ("text", "speed", "target_language", "speech_output"):
         if getattr(args, name) is not None:
             request[name] = getattr(args, name)
+    if args.voice_style:
+        request["voice"] = args.voice_style
     sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     if sampling:
         request["sampling"] = sampling
@@ -69,23 +105,33 @@ def main(argv: list[str] | None = None) -> int:
 
     import time
 
-    started, first = time.perf_counter(), []
+    started, first, first_audio = time.perf_counter(), [], []
+    wav = WavWriter(args.out_wav) if args.out_wav else None
 
     def show(event: dict) -> None:
-        if not first and event.get("type") in ("text", "audio_codes", "tool_call"):
+        if not first and event.get("type") in ("text", "audio_codes", "tool_call", "audio"):
             first.append(time.perf_counter() - started)
+        if event.get("type") == "audio":
+            if not first_audio:
+                first_audio.append(time.perf_counter() - started)
+            if wav is not None:
+                wav.write(event["pcm"], event["sample_rate"])
         if args.stream and not args.json and event.get("type") == "text":
             sys.stdout.write(event["text"])
             sys.stdout.flush()
         elif not args.json and event.get("type") == "tool_call":
             print(f"\n[tool call] {json.dumps(event['call'], ensure_ascii=False)}", flush=True)
 
+    voice = Path(args.voice).read_bytes() if args.voice else None
     try:
         with StepAudio2Client(args.url) as client:
-            result = Session(client, tools).ask(request, audio, on_event=show)
+            result = Session(client, tools, voice=voice).ask(request, audio, on_event=show)
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if exc.status == "INVALID_ARGUMENT" else 1
+    finally:
+        if wav is not None:
+            wav.close()
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "type"}, ensure_ascii=False))
     else:
@@ -95,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         if result["audio_codes"]:
             print(f"[{len(result['audio_codes'])} audio codes]")
         ttft = f"first event {first[0] * 1000:.0f} ms, " if first else ""
+        if first_audio:
+            ttft += f"first audio {first_audio[0] * 1000:.0f} ms, "
+        if wav is not None and wav.samples:
+            ttft += f"{wav.samples / wav.rate:.2f} s of audio in {args.out_wav}, "
         print(f"[{len(result['token_ids'])} tokens, {result['finish_reason']}; {ttft}"
               f"total {time.perf_counter() - started:.2f} s]", file=sys.stderr)
     return 0

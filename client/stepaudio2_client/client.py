@@ -54,18 +54,22 @@ class StepAudio2Client:
         return self._grpc.is_server_ready() and self._grpc.is_model_ready(self.model)
 
     @staticmethod
-    def _inputs(request: dict[str, Any], audio: bytes | None) -> list:
+    def _inputs(request: dict[str, Any], audio: bytes | None, voice: bytes | None = None) -> list:
         req = grpcclient.InferInput("request", [1], "BYTES")
         req.set_data_from_numpy(np.array([json.dumps(request, ensure_ascii=False).encode()], dtype=np.object_))
         inputs = [req]
-        if audio is not None:
-            a = grpcclient.InferInput("audio", [1], "BYTES")
-            a.set_data_from_numpy(np.array([audio], dtype=np.object_))
-            inputs.append(a)
+        for name, data in (("audio", audio), ("voice", voice)):
+            if data is not None:
+                t = grpcclient.InferInput(name, [1], "BYTES")
+                t.set_data_from_numpy(np.array([data], dtype=np.object_))
+                inputs.append(t)
         return inputs
 
-    def stream(self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0) -> Iterator[dict]:
-        """Yield the server's events as they arrive; the last one has type "result".
+    def stream(
+        self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0, voice: bytes | None = None
+    ) -> Iterator[dict]:
+        """Yield the server's events as they arrive; the last one has type "result". `voice`: a reference wav
+        for speech replies (default: the server's voice). Audio events carry their float32 24 kHz PCM in "pcm".
 
         Leaving the iterator early cancels the request on the server (its LLM slot is freed at the next step).
         """
@@ -78,7 +82,7 @@ class StepAudio2Client:
         finished = False
         try:
             self._grpc.async_stream_infer(
-                self.model, self._inputs(request, audio), request_id=uuid.uuid4().hex,
+                self.model, self._inputs(request, audio, voice), request_id=uuid.uuid4().hex,
                 enable_empty_final_response=True,
             )
             while True:
@@ -92,7 +96,10 @@ class StepAudio2Client:
                 response = result.get_response()
                 out = result.as_numpy("event")
                 if out is not None and out.size:
-                    yield json.loads(out.reshape(-1)[0])
+                    event = json.loads(out.reshape(-1)[0])
+                    if event.get("type") == "audio":
+                        event["pcm"] = result.as_numpy("audio_chunk")
+                    yield event
                 if response.parameters["triton_final_response"].bool_param:
                     finished = True
                     return
@@ -102,20 +109,32 @@ class StepAudio2Client:
     def generate_unary(
         self, request: dict[str, Any], audio: bytes | None = None, model: str = "text_generate", timeout: float = 300.0
     ) -> dict:
-        """One request, one response, through the request/response ensemble (no stream)."""
+        """One request, one response, through the request/response ensemble (no stream). A speech reply's
+        audio (offline synthesis, float32 at 24 kHz) is in "pcm"."""
         inputs = self._inputs(request, audio or b"")
         try:
             result = self._grpc.infer(model, inputs, client_timeout=timeout)
         except InferenceServerException as exc:
             raise _error(exc) from exc
-        return json.loads(result.as_numpy("result").reshape(-1)[0])
+        out = json.loads(result.as_numpy("result").reshape(-1)[0])
+        pcm = result.as_numpy("audio_out")
+        if pcm is not None and pcm.size:
+            out["pcm"] = pcm
+        return out
 
-    def generate(self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0) -> dict:
-        """The final result object (same fields as `stepaudio2 generate --json`)."""
-        result = None
-        for event in self.stream(request, audio, timeout):
+    def generate(
+        self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0, voice: bytes | None = None
+    ) -> dict:
+        """The final result object (same fields as `stepaudio2 generate --json`); a spoken reply's streamed audio
+        is joined into "pcm" (float32, 24 kHz)."""
+        result, chunks = None, []
+        for event in self.stream(request, audio, timeout, voice):
+            if event.get("type") == "audio":
+                chunks.append(event["pcm"])
             if event.get("type") == "result":
                 result = event
         if result is None:
             raise ClientError("INTERNAL", "stream ended without a result")
+        if chunks:
+            result["pcm"] = np.concatenate(chunks)
         return result

@@ -17,9 +17,12 @@ MAX_TOOL_ROUNDS = 4
 
 
 class Session:
-    def __init__(self, client: StepAudio2Client, tools: ToolRegistry | None = None) -> None:
+    def __init__(
+        self, client: StepAudio2Client, tools: ToolRegistry | None = None, voice: bytes | None = None
+    ) -> None:
         self.client = client
         self.tools = tools or ToolRegistry()
+        self.voice = voice  # reference wav for spoken replies (None: the server's default voice)
         self.messages: list[dict] | None = None  # full conversation (wire form) after the last reply
         self.generation: str | None = None
         self.audio: bytes | None = None  # the conversation's audio (one clip per session)
@@ -62,4 +65,4 @@ class Session:
         return result
 
     def _events(self, request: dict) -> Iterator[dict]:
-        yield from self.client.stream(request, self.audio)
+        yield from self.client.stream(request, self.audio, voice=self.voice)

@@ -1,4 +1,4 @@
-"""The pipeline's stage calls over BLS (audio_encoder, llm), shared by the streaming `pipeline` model and the
+"""The pipeline's stage calls over BLS (audio_encoder, llm, voice_prompt, token2wav), shared by the streaming `pipeline` model and the
 request/response `generate` model. pb_utils is passed in: it exists only inside the Python backend stub."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from stepaudio2.engines.scheduler import QueueFullError
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, strip_status
 
+PROMPT_OUTPUTS = ("voice_id", "prompt_tokens", "prompt_mel", "prompt_xvector")
+
 
 class Cancelled(Exception):
     """The client cancelled the request that these stage calls serve."""
@@ -25,6 +27,8 @@ class BlsStages:
         self.pb = pb_utils
         self.encoder_model = encoder_model
         self.llm_model = llm_model
+        self.voice_model = "voice_prompt"
+        self.token2wav_model = "token2wav"
 
     def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
         pb = self.pb
@@ -82,6 +86,61 @@ class BlsStages:
         )
         for _ in control.exec(decoupled=True):
             pass
+
+    # ---- speech stages ----------------------------------------------------------------------------------------
+
+    def voice(self, audio: bytes | None, voice_id: str | None) -> dict[str, np.ndarray]:
+        """Prompt features from the voice_prompt model: new audio, a kept voice_id, or the default voice."""
+        pb = self.pb
+        inputs = []
+        if audio is not None:
+            inputs.append(bytes_tensor(pb, "audio", audio))
+        elif voice_id:
+            inputs.append(bytes_tensor(pb, "voice_id", voice_id))
+        resp = pb.InferenceRequest(model_name=self.voice_model, inputs=inputs,
+                                   requested_output_names=list(PROMPT_OUTPUTS)).exec()
+        self.raise_for(resp, self.voice_model)
+        return {name: pb.get_output_tensor_by_name(resp, name).as_numpy() for name in PROMPT_OUTPUTS}
+
+    def _token2wav(self, inputs: list, outputs: list[str]) -> Any:
+        """One call to the decoupled token2wav model: exactly one response (or only the final flag)."""
+        pb = self.pb
+        stream = pb.InferenceRequest(model_name=self.token2wav_model, inputs=inputs,
+                                     requested_output_names=outputs).exec(decoupled=True)
+        answer = None
+        for resp in stream:
+            self.raise_for(resp, self.token2wav_model)
+            if resp.output_tensors():
+                answer = resp
+        return answer
+
+    def _prompt_inputs(self, prompt: dict[str, np.ndarray]) -> list:
+        pb = self.pb
+        return [pb.Tensor("prompt_tokens", prompt["prompt_tokens"]), pb.Tensor("prompt_mel", prompt["prompt_mel"]),
+                pb.Tensor("prompt_xvector", prompt["prompt_xvector"]), pb.Tensor("voice_id", prompt["voice_id"])]
+
+    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str:
+        pb = self.pb
+        resp = self._token2wav([bytes_tensor(pb, "op", "start"), *self._prompt_inputs(prompt),
+                                pb.Tensor("seed", np.array([seed], np.int64))], ["stream_id"])
+        return bytes_value(pb.get_output_tensor_by_name(resp, "stream_id").as_numpy()).decode()
+
+    def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
+        pb = self.pb
+        resp = self._token2wav([bytes_tensor(pb, "op", "push"), bytes_tensor(pb, "stream_id", stream_id),
+                                pb.Tensor("codes", np.asarray(codes, np.int64)),
+                                pb.Tensor("last", np.array([last], bool))], ["pcm"])
+        return pb.get_output_tensor_by_name(resp, "pcm").as_numpy()
+
+    def speech_cancel(self, stream_id: str) -> None:
+        pb = self.pb
+        self._token2wav([bytes_tensor(pb, "op", "cancel"), bytes_tensor(pb, "stream_id", stream_id)], [])
+
+    def speech_offline(self, codes: list[int], prompt: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        pb = self.pb
+        resp = self._token2wav([bytes_tensor(pb, "op", "offline"), pb.Tensor("codes", np.asarray(codes, np.int64)),
+                                *self._prompt_inputs(prompt), pb.Tensor("seed", np.array([seed], np.int64))], ["pcm"])
+        return pb.get_output_tensor_by_name(resp, "pcm").as_numpy()
 
     def raise_for(self, resp: Any, stage: str) -> None:
         """Re-raise a stage's error with its status kept: a bad request stays INVALID_ARGUMENT for the client."""

@@ -31,6 +31,9 @@ class ServerError(StepAudio2Error):
     """tritonserver could not be prepared, started or reached."""
 
 
+SPEECH_STAGES = ("token2wav", "voice_prompt")
+
+
 @dataclass
 class ServerConfig:
     checkpoint: Path
@@ -63,6 +66,10 @@ def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     _copy_tree(MODEL_REPOSITORY, stages)
     _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
     export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
+    if not (stages / "token2wav" / "1" / "flow.yaml").is_file():
+        # A checkpoint without token2wav/ serves text only: the speech stages would fail to load.
+        for name in SPEECH_STAGES:
+            shutil.rmtree(stages / name, ignore_errors=True)
     return stages, pipelines
 
 

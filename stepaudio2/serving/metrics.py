@@ -82,3 +82,44 @@ class PipelineMetrics:
         if name not in self._by_name:
             self._by_name[name] = self.family.Metric(labels={**self._labels, "tool": name[:64]})
         self._by_name[name].increment(1)
+
+
+class Token2WavMetrics:
+    """Synthesis side: audio produced, compute spent, open streams, batch sizes and queue depth."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        MF = pb_utils.MetricFamily
+        labels = {"model": model}
+        self.families = {
+            AUDIO_SECONDS: MF(AUDIO_SECONDS, "Seconds of 24 kHz audio synthesised", MF.COUNTER),
+            T2W_COMPUTE: MF(T2W_COMPUTE, "Wall seconds spent in synthesis rounds", MF.COUNTER),
+            T2W_ACTIVE: MF(T2W_ACTIVE, "Open synthesis streams (server-side state)", MF.GAUGE),
+            T2W_BATCH: MF(T2W_BATCH, "Streams (or offline requests) per batched estimator call", MF.HISTOGRAM),
+            T2W_QUEUE: MF(T2W_QUEUE, "Synthesis jobs waiting for the scheduler", MF.GAUGE),
+        }
+        f = self.families
+        self.audio_seconds = f[AUDIO_SECONDS].Metric(labels=labels)
+        self.compute_seconds = f[T2W_COMPUTE].Metric(labels=labels)
+        self.active = f[T2W_ACTIVE].Metric(labels=labels)
+        self.batch = f[T2W_BATCH].Metric(labels=labels, buckets=BATCH_BUCKETS)
+        self.queue = f[T2W_QUEUE].Metric(labels=labels)
+
+
+class SpeechDeliveryMetrics:
+    """What a listener experiences: time to first audio, gaps between chunks, underruns."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        MF = pb_utils.MetricFamily
+        labels = {"model": model}
+        self.families = {
+            TTFA: MF(TTFA, "Time from request arrival to its first audio chunk", MF.HISTOGRAM),
+            CHUNK_GAP: MF(CHUNK_GAP, "Time between consecutive audio chunks of a stream", MF.HISTOGRAM),
+            UNDERRUNS: MF(UNDERRUNS, "Audio chunks sent after the previous audio would have finished playing",
+                          MF.COUNTER),
+            SESSIONS: MF(SESSIONS, "Multi-turn sessions held by the server", MF.GAUGE),
+        }
+        f = self.families
+        self.ttfa = f[TTFA].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.chunk_gap = f[CHUNK_GAP].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.underruns = f[UNDERRUNS].Metric(labels=labels)
+        self.sessions = f[SESSIONS].Metric(labels=labels)

@@ -19,6 +19,7 @@ from stepaudio2.text.demux import (
 from stepaudio2.text.history import (
     DEFAULT_TOOL_RESULT_INSTRUCTION,
     assistant_turn_from_reply,
+    check_tool_results,
     tool_result_turn,
 )
 from stepaudio2.text.tasks import (
@@ -61,6 +62,7 @@ __all__ = [
     "ToolCallEvent",
     "WEB_SEARCH_TOOL",
     "assistant_turn_from_reply",
+    "check_tool_results",
     "build_messages",
     "build_system_prompt",
     "demux_all",

@@ -193,6 +193,12 @@ class VoicePromptEncoder:
             data = p.read_bytes()
         except OSError as exc:
             raise AudioError(f"could not read voice prompt '{p}': {exc.strerror or exc}") from exc
+        return self.encode_bytes(data)
+
+    def encode_bytes(self, data: bytes) -> VoicePrompt:
+        """Encode a prompt from the bytes of an audio file (wav, flac, ...), as a server receives it."""
+        if not data:
+            raise AudioError("voice prompt is empty")
         first, sr = decode_audio(data, mono="first")
         mean, _ = decode_audio(data, mono="mean")
         return self._encode(first, None if np.array_equal(first, mean) else mean, sr)

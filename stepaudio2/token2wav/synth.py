@@ -86,14 +86,32 @@ class StreamSession:
 
 
 class Token2Wav:
-    """Flow + HiFT from a token2wav directory (flow.yaml, flow.pt, hift.pt)."""
+    """Flow + HiFT from a token2wav directory (flow.yaml, flow.pt, hift.pt).
 
-    def __init__(self, token2wav_dir: str | Path, voice_cache_size: int = DEFAULT_VOICE_CACHE) -> None:
+    `engine`: "torch" (default) runs the torch modules; "onnx-cpu", "onnx-cuda" or "tensorrt" run the flow
+    encoder, the DiT estimator and HiFT (F0 + decoder) on the exported graphs in `graphs_dir` (default:
+    `token2wav_dir`, which is right for `<repo>/token2wav/1` of an exported model repository). Same API and,
+    within float tolerance, the same audio on every engine; the seeded HiFT source stays in torch."""
+
+    def __init__(
+        self,
+        token2wav_dir: str | Path,
+        voice_cache_size: int = DEFAULT_VOICE_CACHE,
+        engine: str = "torch",
+        graphs_dir: str | Path | None = None,
+    ) -> None:
         from stepaudio2.token2wav.hift import load_hift
 
         root = Path(token2wav_dir)
         self.flow: FlowModel = load_flow(root)
         self.hift = load_hift(root / HIFT_WEIGHTS)
+        self.engine = engine
+        if engine != "torch":
+            from stepaudio2.token2wav.engine import GraphEngine
+
+            graphs = GraphEngine(graphs_dir or root, engine)
+            self.flow.set_engine(graphs)
+            self.hift.engine = graphs
         self.pad_code = self.flow.cfg.vocab_size
         self.lookahead = self.flow.pre_lookahead_len
         self.samples_per_frame = int(getattr(self.hift, "hop_length", SAMPLES_PER_FRAME))
@@ -116,6 +134,25 @@ class Token2Wav:
         mel = self.flow.inference(clean, prompt)
         wav, _ = self.hift.inference(mel.unsqueeze(0), None, torch.Generator().manual_seed(seed))
         return self._finish(wav[0])
+
+    @torch.no_grad()
+    def offline_many(
+        self, codes_list: Sequence[Sequence[int] | np.ndarray], prompts: Sequence[PromptLike], seeds: Sequence[int]
+    ) -> list[np.ndarray]:
+        """`offline` for several requests: one padded flow batch (one estimator call per Euler step), then the
+        vocoder per item with its own seed. Item i equals `offline(codes_list[i], prompts[i], seeds[i])`."""
+        if not (len(codes_list) == len(prompts) == len(seeds)):
+            raise InvalidInputError("offline_many needs one prompt and one seed per codes sequence")
+        clean = [sanitize_codes(c, self.pad_code) for c in codes_list]
+        for i, c in enumerate(clean):
+            if not c:
+                raise InvalidInputError(f"request {i}: no speech codes to synthesise")
+        mels = self.flow.inference_batch(clean, list(prompts))
+        out = []
+        for mel, seed in zip(mels, seeds, strict=True):
+            wav, _ = self.hift.inference(mel.unsqueeze(0), None, torch.Generator().manual_seed(int(seed)))
+            out.append(self._finish(wav[0]))
+        return out
 
     # ---- streaming --------------------------------------------------------------------------------------------
 

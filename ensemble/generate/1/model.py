@@ -1,4 +1,5 @@
-"""Triton adapter for request/response generation: `run_pipeline` over BLS, collected into one result."""
+"""Triton adapter for request/response generation: `serve_request` over BLS, collected into one result. Speech
+replies are synthesised offline (whole reply, batched with other requests in token2wav) into `audio_out`."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stepaudio2.pipeline import GenerationResult, run_pipeline
-from stepaudio2.request import request_from_json
 from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
@@ -30,14 +31,20 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
+            pcm: list[np.ndarray] = []
             try:
-                obj = json_value(optional_input(pb_utils, request, "request"), "request")
-                req = request_from_json(obj, bytes_value(optional_input(pb_utils, request, "audio")))
-                *_, result = run_pipeline(self.tokenizer, req, self.stages.encode,
-                                          self.stages.generator(request.is_cancelled))
-                assert isinstance(result, GenerationResult)
-                payload = json.dumps({"type": "result", **result.to_json()}, ensure_ascii=False)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "result", payload)]))
+                payload = serve_request(
+                    self.tokenizer, self.stages,
+                    json_value(optional_input(pb_utils, request, "request"), "request"),
+                    bytes_value(optional_input(pb_utils, request, "audio")), None,
+                    lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
+                    is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
+                )
+                audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    bytes_tensor(pb_utils, "result", json.dumps(payload, ensure_ascii=False)),
+                    pb_utils.Tensor("audio_out", audio.astype(np.float32)),
+                ]))
             except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         return responses

@@ -1,20 +1,24 @@
-"""Triton adapter for the streaming pipeline: runs the core `run_pipeline` flow with the audio_encoder and llm
-stages reached over BLS, and streams each event back as JSON. One worker thread per active request."""
+"""Triton adapter for the streaming pipeline: runs `serve_request` (the core `run_pipeline` flow with the
+audio_encoder, llm, voice_prompt and token2wav stages reached over BLS) and streams each event back as JSON, PCM
+chunks in `audio_chunk`. One worker thread per active request."""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stepaudio2.pipeline import GenerationResult, run_pipeline
-from stepaudio2.request import request_from_json
 from stepaudio2.serving.bls import BlsStages, Cancelled
-from stepaudio2.serving.events import event_dict
-from stepaudio2.serving.metrics import PipelineMetrics
+from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
+from stepaudio2.serving.served_request import serve_request
+from stepaudio2.serving.sessions import SessionStore
+from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
@@ -22,7 +26,7 @@ from stepaudio2.serving.triton_utils import (
     optional_input,
     triton_error,
 )
-from stepaudio2.text import StepAudio2Tokenizer, ToolCallEvent
+from stepaudio2.text import StepAudio2Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -35,30 +39,60 @@ class TritonPythonModel:
         self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
         self.stages = BlsStages(pb_utils)
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
+        self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
+        self.sessions = SessionStore(int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
         self.pool = ThreadPoolExecutor(int(params.get("max_concurrent_requests", 64)), thread_name_prefix="pipeline")
 
-    def _handle(self, request, sender) -> None:
+    def _audio_done(self, route: SpeechRoute) -> None:
+        clock = route.clock
+        if clock.time_to_first_audio is not None:
+            self.speech_metrics.ttfa.observe(clock.time_to_first_audio)
+        for gap in clock.gaps:
+            self.speech_metrics.chunk_gap.observe(gap)
+        if clock.underruns:
+            self.speech_metrics.underruns.increment(clock.underruns)
+
+    def _handle(self, request, sender, arrived: float) -> None:
+        lock = threading.Lock()  # the speech worker and this thread both send
+
+        def emit(event: dict, pcm: np.ndarray | None) -> None:
+            tensors = [bytes_tensor(pb_utils, "event", json.dumps(event, ensure_ascii=False))]
+            if pcm is not None:
+                tensors.append(pb_utils.Tensor("audio_chunk", pcm))
+            with lock:
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+
         try:
-            obj = json_value(optional_input(pb_utils, request, "request"), "request")
-            req = request_from_json(obj, bytes_value(optional_input(pb_utils, request, "audio")))
-            flow = run_pipeline(self.tokenizer, req, self.stages.encode, self.stages.generator(request.is_cancelled))
-            for item in flow:
-                if isinstance(item, ToolCallEvent):
-                    self.metrics.tool_call(item.call.name)
-                payload = {"type": "result", **item.to_json()} if isinstance(item, GenerationResult) else event_dict(item)
-                if payload is not None:
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[
-                        bytes_tensor(pb_utils, "event", json.dumps(payload, ensure_ascii=False))]))
-            sender.send(flags=FINAL)
+            serve_request(
+                self.tokenizer, self.stages,
+                json_value(optional_input(pb_utils, request, "request"), "request"),
+                bytes_value(optional_input(pb_utils, request, "audio")),
+                _voice_bytes(optional_input(pb_utils, request, "voice")),
+                emit, is_cancelled=request.is_cancelled, sessions=self.sessions, arrived=arrived,
+                on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
+            )
+            with lock:
+                sender.send(flags=FINAL)
         except Cancelled:
-            sender.send(flags=FINAL)
+            with lock:
+                sender.send(flags=FINAL)
         except Exception as exc:
-            sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+            with lock:
+                sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+        finally:
+            self.speech_metrics.sessions.set(len(self.sessions))
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(self._handle, request, request.get_response_sender())
+            self.pool.submit(self._handle, request, request.get_response_sender(), time.perf_counter())
         return None
 
     def finalize(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _voice_bytes(array: np.ndarray | None) -> bytes | None:
+    """The voice input as bytes: absent -> None, present but empty -> b"" (rejected by name downstream)."""
+    if array is None:
+        return None
+    return bytes_value(array) or b""

@@ -1,0 +1,73 @@
+"""Triton adapter for voice prompts: audio bytes (or a known voice_id, or nothing for the default voice) ->
+the prompt features token2wav conditions on. Prompts are kept by content hash in a bounded LRU."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from stepaudio2.errors import InvalidInputError
+from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, optional_input, triton_error
+from stepaudio2.token2wav.prompt import VoicePrompt, VoicePromptEncoder, default_voice_path
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        t2w_dir = Path(args["model_repository"]).parent / "token2wav" / "1"
+        self.max_voices = int(params.get("max_voices", 64))
+        self.max_seconds = float(params.get("max_prompt_seconds", 30))
+        self.encoder = VoicePromptEncoder(t2w_dir, cache_size=self.max_voices)
+        self.voices: OrderedDict[str, VoicePrompt] = OrderedDict()
+        self.lock = threading.Lock()
+        self.default = self._keep(self.encoder.encode_file(default_voice_path()))
+
+    def _keep(self, prompt: VoicePrompt) -> VoicePrompt:
+        with self.lock:
+            self.voices[prompt.key] = prompt
+            self.voices.move_to_end(prompt.key)
+            while len(self.voices) > self.max_voices:
+                self.voices.popitem(last=False)
+        return prompt
+
+    def _prompt(self, request) -> VoicePrompt:
+        audio = optional_input(pb_utils, request, "audio")
+        voice_id = bytes_value(optional_input(pb_utils, request, "voice_id"))
+        if audio is not None:
+            data = bytes_value(audio) or b""
+            if not data:
+                raise InvalidInputError("voice prompt audio is empty")
+            prompt = self.encoder.encode_bytes(data)
+            seconds = prompt.num_tokens / 25.0
+            if seconds > self.max_seconds:
+                raise InvalidInputError(f"voice prompt is {seconds:.1f} s long, more than {self.max_seconds:g} s")
+            return self._keep(prompt)
+        if voice_id:
+            key = voice_id.decode("utf-8", "replace")
+            with self.lock:
+                prompt = self.voices.get(key)
+            if prompt is None:
+                raise InvalidInputError(f"voice_id '{key[:80]}' is not known here (send the voice audio again)")
+            return prompt
+        return self.default
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                p = self._prompt(request)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    bytes_tensor(pb_utils, "voice_id", p.key),
+                    pb_utils.Tensor("prompt_tokens", np.asarray(p.tokens, np.int64)),
+                    pb_utils.Tensor("prompt_mel", np.asarray(p.mel, np.float32)),
+                    pb_utils.Tensor("prompt_xvector", np.asarray(p.xvector, np.float32)),
+                ]))
+            except Exception as exc:
+                responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+        return responses

@@ -1,0 +1,85 @@
+"""One served request end to end, shared by the streaming `pipeline` and the request/response `generate` models:
+serving options and server-held sessions, the core `run_pipeline` flow over BLS stages, speech routing to
+token2wav, and the wire events. Torch-free; pb_utils stays in the adapters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from stepaudio2.errors import InvalidInputError
+from stepaudio2.pipeline import GenerationResult, run_pipeline
+from stepaudio2.request import request_from_json
+from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.events import event_dict
+from stepaudio2.serving.sessions import NEW, SessionStore
+from stepaudio2.serving.speech_route import SpeechOptions, SpeechRoute
+from stepaudio2.text import AudioCodes, ToolCallEvent
+
+Emit = Callable[[dict[str, Any], np.ndarray | None], None]  # (event, PCM chunk or None)
+
+
+def serve_request(
+    tokenizer: Any,
+    stages: BlsStages,
+    obj: Any,
+    audio: bytes | None,
+    voice_audio: bytes | None,
+    emit: Emit,
+    *,
+    is_cancelled: Callable[[], bool],
+    sessions: SessionStore | None,
+    arrived: float | None = None,
+    speech_default: str = "stream",
+    on_tool_call: Callable[[str], None] | None = None,
+    on_audio_done: Callable[[SpeechRoute], None] | None = None,
+) -> dict[str, Any]:
+    """Run one request; every event goes to `emit` (the result last). Returns the result payload."""
+    arrived = time.perf_counter() if arrived is None else arrived
+    if not isinstance(obj, dict):
+        raise InvalidInputError("request must be a JSON object")
+    obj = dict(obj)
+    obj.setdefault("speech_output", speech_default)
+    options = SpeechOptions.pop_from(obj)
+    session_id = obj.pop("session_id", None)
+    if session_id is not None:
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidInputError("request field 'session_id' must be \"new\" or an id from an earlier result")
+        if sessions is None:
+            raise InvalidInputError("this server does not hold sessions")
+        if session_id != NEW:
+            obj, audio = sessions.continue_request(session_id, obj, audio)
+    req = request_from_json(obj, audio)
+    if voice_audio is not None and not voice_audio:
+        raise InvalidInputError("voice prompt audio is empty")
+    speech = SpeechRoute(stages, options, voice_audio, lambda event, pcm: emit(event, pcm), arrived)
+    flow = run_pipeline(tokenizer, req, stages.encode, stages.generator(is_cancelled))
+    try:
+        for item in flow:
+            if isinstance(item, GenerationResult):
+                result = item
+                break
+            if isinstance(item, AudioCodes):
+                speech.feed(list(item.codes))
+            if isinstance(item, ToolCallEvent) and on_tool_call is not None:
+                on_tool_call(item.call.name)
+            payload = event_dict(item)
+            if payload is not None:
+                emit(payload, None)
+        audio_summary = speech.finish()
+    except BaseException:
+        speech.cancel()
+        raise
+    if audio_summary is not None and on_audio_done is not None:
+        on_audio_done(speech)
+    payload = {"type": "result", **result.to_json(), "audio": audio_summary}
+    if session_id is not None:
+        payload["session_id"] = sessions.save(
+            session_id, [*payload["messages"], payload["assistant_turn"]], result.generation, audio
+        )
+    emit(payload, None)
+    return payload

@@ -1,0 +1,196 @@
+"""Speech routing of the streaming pipeline: the audio codes of a reply go to token2wav as they arrive, and
+24 kHz PCM chunks go back to the client as soon as each is ready, while text deltas keep flowing.
+
+One `SpeechRoute` per reply. The pipeline thread calls `feed` with each AudioCodes event (it never waits on
+synthesis); a worker thread opens the token2wav stream on the first codes, pushes codes whenever the 25 + 3
+chunk rule makes a chunk due, and sends the PCM. `finish` pushes the end of the stream, waits for the last
+chunk and returns the audio summary of the result; `cancel` releases the server-side stream.
+Modes: "stream" (chunks as they are ready), "offline" (one synthesis of the whole reply at the end), "none".
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from stepaudio2.errors import InvalidInputError
+
+SAMPLE_RATE = 24000
+FIRST_CHUNK_CODES = 28  # 25 + 3 lookahead codes: the first chunk is due
+NEXT_CHUNK_CODES = 25
+SPEECH_OUTPUTS = ("stream", "offline", "none")
+
+
+class SpeechStages(Protocol):
+    def voice(self, audio: bytes | None, voice_id: str | None) -> dict[str, np.ndarray]: ...
+    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str: ...
+    def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray: ...
+    def speech_cancel(self, stream_id: str) -> None: ...
+    def speech_offline(self, codes: list[int], prompt: dict[str, np.ndarray], seed: int) -> np.ndarray: ...
+
+
+@dataclass
+class SpeechOptions:
+    """Serving options of a request (besides the generation request itself)."""
+
+    output: str = "stream"
+    voice_id: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def pop_from(cls, obj: dict) -> SpeechOptions:
+        """Take `speech_output`, `voice_id`, `speech_seed` out of a request object (validated)."""
+        out = obj.pop("speech_output", "stream")
+        if out not in SPEECH_OUTPUTS:
+            raise InvalidInputError(f"request field 'speech_output' must be one of {', '.join(SPEECH_OUTPUTS)}")
+        voice_id = obj.pop("voice_id", None)
+        if voice_id is not None and (not isinstance(voice_id, str) or not voice_id):
+            raise InvalidInputError("request field 'voice_id' must be a non-empty string")
+        seed = obj.pop("speech_seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise InvalidInputError("request field 'speech_seed' must be a non-negative integer")
+        return cls(out, voice_id, seed)
+
+
+class DeliveryClock:
+    """Listener's view of a stream: time to first audio, gaps, and underruns (a chunk arriving after the audio
+    sent before it would have finished playing, when playback starts at the first chunk)."""
+
+    def __init__(self, arrived: float) -> None:
+        self.arrived = arrived
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.play_until = 0.0
+        self.underruns = 0
+        self.gaps: list[float] = []
+
+    def chunk(self, seconds: float, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        if self.first_at is None:
+            self.first_at, self.play_until = now, now
+        else:
+            self.gaps.append(now - self.last_at)
+            if now > self.play_until:
+                self.underruns += 1
+        self.play_until = max(self.play_until, now) + seconds
+        self.last_at = now
+
+    @property
+    def time_to_first_audio(self) -> float | None:
+        return None if self.first_at is None else self.first_at - self.arrived
+
+
+Send = Callable[[dict[str, Any], np.ndarray], None]  # (audio event, PCM chunk)
+
+
+class SpeechRoute:
+    def __init__(
+        self, stages: SpeechStages, options: SpeechOptions, voice_audio: bytes | None, send: Send, arrived: float
+    ) -> None:
+        self.stages = stages
+        self.options = options
+        self.voice_audio = voice_audio
+        self.send = send
+        self.clock = DeliveryClock(arrived)
+        self.codes: list[int] = []
+        self.submitted = 0  # codes handed to the worker
+        self.next_due = FIRST_CHUNK_CODES
+        self.samples = 0
+        self.chunks = 0
+        self.stream_id: str | None = None
+        self.prompt: dict[str, np.ndarray] | None = None
+        self.error: BaseException | None = None
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._cancelled = threading.Event()
+
+    # ---- pipeline thread ----------------------------------------------------------------------------------------
+
+    def feed(self, codes: list[int]) -> None:
+        if self.options.output == "none" or not codes:
+            return
+        self.codes.extend(codes)
+        if self.options.output == "stream" and len(self.codes) >= self.next_due:
+            while len(self.codes) >= self.next_due:
+                self.next_due += NEXT_CHUNK_CODES
+            self._submit(last=False)
+
+    def finish(self) -> dict[str, Any] | None:
+        """End of the reply: synthesise what is left, wait for it, and return the audio summary (None: no audio)."""
+        if self.options.output == "none" or not self.codes:
+            return None
+        if self.options.output == "offline":
+            self._ensure_prompt()
+            pcm = self.stages.speech_offline(self.codes, self.prompt, self.options.seed)
+            self._deliver(pcm)
+        else:
+            self._submit(last=True)
+            self._worker.join()
+            if self.error is not None:
+                raise self.error
+        ttfa = self.clock.time_to_first_audio
+        return {
+            "sample_rate": SAMPLE_RATE, "samples": self.samples, "seconds": self.samples / SAMPLE_RATE,
+            "chunks": self.chunks, "codes": len(self.codes), "underruns": self.clock.underruns,
+            "time_to_first_audio_s": ttfa, "voice_id": self._voice_id(),
+        }
+
+    def cancel(self) -> None:
+        """The client left: stop the worker and release the token2wav stream."""
+        self._cancelled.set()
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join(timeout=30)
+        if self.stream_id is not None:
+            self.stages.speech_cancel(self.stream_id)
+
+    # ---- worker thread ------------------------------------------------------------------------------------------
+
+    def _submit(self, last: bool) -> None:
+        batch, self.submitted = self.codes[self.submitted :], len(self.codes)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="speech-route", daemon=True)
+            self._worker.start()
+        self._jobs.put((batch, last))
+
+    def _ensure_prompt(self) -> None:
+        if self.prompt is None:
+            self.prompt = self.stages.voice(self.voice_audio, self.options.voice_id)
+
+    def _voice_id(self) -> str | None:
+        return None if self.prompt is None else bytes(self.prompt["voice_id"].reshape(-1)[0]).decode()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._cancelled.is_set():
+                return
+            codes, last = job
+            try:
+                if self.stream_id is None:
+                    self._ensure_prompt()
+                    self.stream_id = self.stages.speech_start(self.prompt, self.options.seed)
+                self._deliver(self.stages.speech_push(self.stream_id, codes, last))
+            except BaseException as exc:  # noqa: BLE001 (reported by finish() on the pipeline thread)
+                self.error = exc
+                return
+            if last:
+                self.stream_id = None  # token2wav released it with the last chunk
+                return
+
+    def _deliver(self, pcm: np.ndarray) -> None:
+        if pcm.size == 0 or self._cancelled.is_set():
+            return
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        seconds = pcm.size / SAMPLE_RATE
+        self.clock.chunk(seconds)
+        event = {"type": "audio", "sample_rate": SAMPLE_RATE, "offset": self.samples, "samples": int(pcm.size)}
+        self.samples += pcm.size
+        self.chunks += 1
+        self.send(event, pcm)
