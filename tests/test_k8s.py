@@ -207,6 +207,8 @@ def test_hpa_uses_an_adapter_metric_and_adapter_rules_use_recorded_series():
     ({"checkpoint": {"source": "objectStore"}}, "/checkpoint/objectStore/uri"),
     ({"checkpoint": {"source": "ftp"}}, "/checkpoint/source"),
     ({"stages": [{"name": "Bad_Name", "models": []}]}, "/stages/0/name"),
+    ({"metrics": {"grafanaDashboard": {"enabled": "yes"}}}, "/metrics/grafanaDashboard/enabled"),
+    ({"metrics": {"prometheusRule": {"labels": {"release": 1}}}}, "/metrics/prometheusRule/labels/release"),
 ])
 def test_bad_values_fail_schema_validation(bad, message):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -538,6 +540,17 @@ def _names_used_by_rules_adapter_and_dashboard() -> set[str]:
 
 def _exported_sample_names(text: str) -> set[str]:
     return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_watched_names_follow_recorded_series_back_to_exported_ones():
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    raw = _raw_names_behind(['stepaudio2:time_to_first_audio_seconds:p95_pod{namespace!="",pod!=""}',
+                             "triton:queue_compute:ratio"], groups)
+    assert raw == {"stepaudio2_time_to_first_audio_seconds_bucket", "nv_inference_queue_duration_us",
+                   "nv_inference_compute_infer_duration_us"}
+    text = ('# TYPE x histogram\nx_bucket{model="t",le="0.5"} 1\nx_sum{model="t"} 0.2\nx_count{model="t"} 1\n'
+            "nv_cpu_utilization 0.5\n")
+    assert _exported_sample_names(text) == {"x_bucket", "x_sum", "x_count", "nv_cpu_utilization"}
 
 
 def test_every_watched_metric_is_on_the_live_metrics_endpoint(server):
