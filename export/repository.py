@@ -5,7 +5,9 @@ Layout written (version folder 1 of each stage; build outputs, git-ignored):
     <repo>/audio_encoder/1/audio_encoder.onnx
     <repo>/llm/1/llm_decoder.onnx, embed_tokens.npy, config.json + tokenizer files
     <repo>/token2wav/1/flow.yaml, flow.pt, hift.pt, campplus.onnx, speech_tokenizer_v2_25hz.onnx (when the
-                       checkpoint has token2wav/; read by the token2wav and voice_prompt models)
+                       checkpoint has token2wav/; read by the token2wav and voice_prompt models), and the graphs
+                       flow_encoder.onnx, flow_estimator.onnx, flow_estimator_chunk.onnx, hift_f0.onnx,
+                       hift_decoder.onnx (HiFT's seeded source module stays in the runtime)
     <repo>/export.json   manifest: checkpoint hash, graph hashes, I/O shapes, opset, precision, versions
 
 Re-running with an unchanged checkpoint and code is a no-op (the manifest's input hash matches).
@@ -23,7 +25,7 @@ from typing import Any
 from stepaudio2.errors import InvalidInputError
 
 MANIFEST = "export.json"
-EXPORT_FORMAT_VERSION = 1  # bump when the graphs' signatures change, to force a re-export
+EXPORT_FORMAT_VERSION = 2  # bump when the graphs' signatures change, to force a re-export
 RUNTIME_FILES = (
     "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json", "tokenizer.json",
 )
@@ -54,12 +56,22 @@ def _code_hash() -> str:
     """Hash of the export code and the model code it traces, so a code change re-exports."""
     import stepaudio2
 
-    roots = [Path(__file__).parent, Path(stepaudio2.__file__).parent / "models"]
+    pkg = Path(stepaudio2.__file__).parent
+    roots = [Path(__file__).parent, pkg / "models", pkg / "token2wav"]
     h = hashlib.sha256()
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def graph_sha256(path: Path) -> str:
+    """Hash of an ONNX graph and of its external weights file (`<name>.onnx.data`), which the dynamo exporter
+    writes beside it: the weights change without the graph file changing."""
+    data = path.with_name(path.name + ".data")
+    if not data.is_file():
+        return file_sha256(path)
+    return hashlib.sha256(f"{file_sha256(path)}:{file_sha256(data)}".encode()).hexdigest()
 
 
 def _graph_entry(path: Path, repo: Path) -> dict[str, Any]:
@@ -74,17 +86,34 @@ def _graph_entry(path: Path, repo: Path) -> dict[str, Any]:
 
     return {
         "path": str(path.relative_to(repo)),
-        "sha256": file_sha256(path),
+        "sha256": graph_sha256(path),
         "inputs": dims(model.graph.input),
         "outputs": dims(model.graph.output),
         "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
     }
 
 
+def _load_token2wav(src: Path):
+    """(flow, hift) torch modules of a checkpoint's token2wav/; any missing file or bad tensor is an error
+    naming it."""
+    from stepaudio2.errors import CheckpointError
+    from stepaudio2.token2wav.flow import load_flow
+    from stepaudio2.token2wav.hift import load_hift
+
+    for name in TOKEN2WAV_FILES:
+        if not (src / name).is_file():
+            raise InvalidInputError(f"checkpoint token2wav/ has no {name}")
+    try:
+        return load_flow(src), load_hift(src / "hift.pt")
+    except CheckpointError as exc:
+        raise CheckpointError(f"token2wav: {exc}") from exc
+
+
 def export_checkpoint(
     checkpoint: str | Path, repository: str | Path, precision: str = "fp32", force: bool = False
 ) -> dict[str, Any]:
-    """Export every LLM-side stage; returns the manifest (unchanged inputs: the existing manifest, no work)."""
+    """Export every stage (LLM side, and token2wav when the checkpoint has it); returns the manifest
+    (unchanged inputs: the existing manifest, no work)."""
     import numpy as np
     import onnx
     import onnxruntime
@@ -107,12 +136,15 @@ def export_checkpoint(
     if not force and manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
         if old.get("inputs_hash") == inputs_hash and all(
-            (repo / g["path"]).is_file() and file_sha256(repo / g["path"]) == g["sha256"] for g in old["graphs"].values()
+            (repo / g["path"]).is_file() and graph_sha256(repo / g["path"]) == g["sha256"] for g in old["graphs"].values()
         ):
             old["skipped"] = True
             return old
 
     t0 = time.perf_counter()
+    t2w_src = ckpt / "token2wav"
+    # Load (strictly) before writing anything, so a broken token2wav/ fails fast, naming the file and tensor.
+    t2w = _load_token2wav(t2w_src) if t2w_src.is_dir() else None
     model = load_model(ckpt)
     enc_dir, llm_dir = repo / "audio_encoder" / "1", repo / "llm" / "1"
     enc_dir.mkdir(parents=True, exist_ok=True)
@@ -125,14 +157,15 @@ def export_checkpoint(
     for name in RUNTIME_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, llm_dir / name)
-    t2w_src = ckpt / "token2wav"
-    if t2w_src.is_dir():
+    seconds: dict[str, float] = {}
+    if t2w is not None:
+        from stepaudio2.export.token2wav_graphs import export_token2wav_graphs
+
         t2w_dir = repo / "token2wav" / "1"
         t2w_dir.mkdir(parents=True, exist_ok=True)
         for name in TOKEN2WAV_FILES:
-            if not (t2w_src / name).is_file():
-                raise InvalidInputError(f"checkpoint token2wav/ has no {name}")
             shutil.copy2(t2w_src / name, t2w_dir / name)
+        graphs.update(export_token2wav_graphs(*t2w, t2w_dir, log=lambda n, s: seconds.__setitem__(n, round(s, 2))))
 
     manifest = {
         "format_version": EXPORT_FORMAT_VERSION,
@@ -142,6 +175,8 @@ def export_checkpoint(
         "precision": precision,
         "graphs": {name: _graph_entry(path, repo) for name, path in graphs.items()},
         "files": {"embed_tokens": str((llm_dir / "embed_tokens.npy").relative_to(repo))},
+        "token2wav_seconds": seconds,
+        "notes": {"hift": "hift_f0 + hift_decoder; the seeded source module runs in the runtime"} if t2w else {},
         "versions": {
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "transformers": transformers.__version__,

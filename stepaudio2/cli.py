@@ -50,7 +50,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.out_wav:
         from stepaudio2.speech import SpeechOutput
 
-        speech = SpeechOutput(args.checkpoint, args.voice)
+        speech = SpeechOutput(args.checkpoint, args.voice, engine=args.engine, repository=args.repository)
     request = GenerationRequest(
         task=args.task,
         text=args.text,

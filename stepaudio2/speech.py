@@ -26,12 +26,32 @@ class SpeechChunk:
 
 
 class SpeechOutput:
-    def __init__(self, checkpoint_dir: str | Path, voice_wav: str | Path | None = None) -> None:
+    """token2wav for the reference pipeline. `engine`: "torch" (the checkpoint's modules) or "onnx" (the
+    exported token2wav graphs of `repository`, exported on demand like the LLM's: `--engine onnx`); runner
+    kinds ("onnx-cpu", "onnx-cuda", "tensorrt") are accepted too."""
+
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        voice_wav: str | Path | None = None,
+        engine: str = "torch",
+        repository: str | Path | None = None,
+    ) -> None:
         from stepaudio2.token2wav.prompt import VoicePromptEncoder, default_voice_path
         from stepaudio2.token2wav.synth import Token2Wav
 
         t2w_dir = Path(checkpoint_dir) / "token2wav"
-        self.token2wav = Token2Wav(t2w_dir)
+        if engine == "torch":
+            self.token2wav = Token2Wav(t2w_dir)
+        else:
+            from stepaudio2.export.repository import export_checkpoint
+
+            ckpt = Path(checkpoint_dir)
+            # Same default place as the LLM's ONNX backend (stepaudio2.engines.llm.make_backend).
+            repo = Path(repository) if repository else ckpt.parent / f"{ckpt.name}-onnx"
+            export_checkpoint(ckpt, repo)  # no-op when up to date
+            kind = "onnx-cpu" if engine == "onnx" else engine
+            self.token2wav = Token2Wav(repo / "token2wav" / "1", engine=kind)
         self.prompt = VoicePromptEncoder(t2w_dir).encode_file(voice_wav or default_voice_path())
         self.sample_rate = self.token2wav.sample_rate
 

@@ -76,15 +76,17 @@ class RelPositionMultiHeadedAttention(nn.Module):
         return x.reshape(b, t, self.h, self.d_k).transpose(1, 2)  # (b, h, t, d_k)
 
     @staticmethod
-    def rel_shift(x: torch.Tensor) -> torch.Tensor:
+    def rel_shift(x: torch.Tensor, tk: int) -> torch.Tensor:
         """(b, h, tq, 2*tk-1) scores against relative positions -> (b, h, tq, tk) scores against key positions.
 
         Queries are the last tq of the tk key positions (a chunk after its cache), so query i sits at absolute
-        position tk-tq+i; the pad-and-reshape trick picks, for key j, the column of distance (tk-tq+i) - j.
+        position tk-tq+i, and key j is at distance (tk-tq+i) - j, which is column tq-1-i+j. A gather (rather
+        than the pad-and-reshape trick) picks the same values and exports with symbolic lengths.
         """
-        b, h, tq, n = x.shape
-        padded = F.pad(x, (1, 0)).reshape(b, h, n + 1, tq)
-        return padded[:, :, 1:].reshape(b, h, tq, n)[:, :, :, : n // 2 + 1]
+        b, h, tq, _ = x.shape
+        rows = torch.arange(tq, device=x.device).unsqueeze(1)
+        cols = torch.arange(tk, device=x.device).unsqueeze(0)
+        return torch.gather(x, 3, (tq - 1 - rows + cols).expand(b, h, tq, tk))
 
     def forward(
         self,
@@ -109,7 +111,7 @@ class RelPositionMultiHeadedAttention(nn.Module):
         q_u = q + self.pos_bias_u.unsqueeze(1)  # bias per head, broadcast over time
         q_v = q + self.pos_bias_v.unsqueeze(1)
         ac = torch.matmul(q_u, k.transpose(-2, -1))
-        bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)))
+        bd = self.rel_shift(torch.matmul(q_v, p.transpose(-2, -1)), k.shape[2])
         scores = (ac + bd) / math.sqrt(self.d_k)
         if key_mask is not None:
             blocked = ~key_mask[:, None, None, :]

@@ -55,6 +55,17 @@ class PromptLike(Protocol):
     mel: Any  # (2T, mel) float 24 kHz log-mel, aligned to the tokens
 
 
+class FlowEngine(Protocol):
+    """Where the flow's networks run when not on its torch modules (stepaudio2.token2wav.engine.GraphEngine):
+    the same signatures as `encode_torch`, `DiT.forward` and `DiT.forward_chunk`."""
+
+    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def velocity(self, *args: torch.Tensor) -> torch.Tensor: ...
+
+    def velocity_chunk(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CFM
 
@@ -90,10 +101,19 @@ class CausalConditionalCFM(nn.Module):
         gen = torch.Generator().manual_seed(NOISE_SEED)
         noise = torch.randn(1, self.mel_bins, MEL_FRAME_RATE * NOISE_SECONDS, generator=gen)
         self.register_buffer("rand_noise", noise, persistent=False)
+        self.engine: FlowEngine | None = None  # None: the torch estimator
 
     @property
     def max_frames(self) -> int:
         return self.rand_noise.shape[2]
+
+    def velocity(self, *args: torch.Tensor) -> torch.Tensor:
+        """`DiT.forward` on the selected engine."""
+        return self.estimator(*args) if self.engine is None else self.engine.velocity(*args)
+
+    def velocity_chunk(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`DiT.forward_chunk` on the selected engine."""
+        return self.estimator.forward_chunk(*args) if self.engine is None else self.engine.velocity_chunk(*args)
 
     def guided_velocity(self, v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
         r = self.inference_cfg_rate
@@ -118,7 +138,7 @@ class CausalConditionalCFM(nn.Module):
         spks_in = torch.cat([spks, torch.zeros_like(spks)])
         cond_in = torch.cat([cond, torch.zeros_like(cond)])
         for t, dt in _euler_dts(n_timesteps, mu.device):
-            v = self.estimator(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in)
+            v = self.velocity(torch.cat([x, x]), mask_in, mu_in, t.expand(2 * b), spks_in, cond_in)
             x = x + dt * self.guided_velocity(v[:b], v[b:])
         return x
 
@@ -183,6 +203,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.encoder = UpsampleConformerEncoderV2(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
         self.decoder = CausalConditionalCFM(cfg.decoder)
+        self.engine: FlowEngine | None = None  # None: the torch modules (see set_engine)
+
+    def set_engine(self, engine: FlowEngine | None) -> None:
+        """Run the encoder and the estimator on `engine` (exported graphs) instead of the torch modules; None
+        goes back to torch. Everything else (embeddings, streaming conformer, Euler loop, caches) is unchanged."""
+        self.engine = engine
+        self.decoder.engine = engine
 
     @property
     def pre_lookahead_len(self) -> int:
@@ -238,6 +265,18 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
     # ---- offline ----------------------------------------------------------------------------------------------
 
+    def encode_torch(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (b, T) int64 padded, lengths (b,) -> mu (b, mel, r*T), mel lengths (b,) (the flow_encoder graph)."""
+        valid = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)
+        emb = self.input_embedding(tokens) * valid.unsqueeze(-1).float()
+        h, mel_lens = self.encoder(emb, lengths)
+        return self.encoder_proj(h).transpose(1, 2), mel_lens
+
+    def encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.engine is not None:
+            return self.engine.encode(tokens, lengths)
+        return self.encode_torch(tokens, lengths)
+
     @torch.no_grad()
     def inference(self, codes: Sequence[int] | np.ndarray | torch.Tensor, prompt: PromptLike) -> torch.Tensor:
         """N codes -> mel (mel_bins, up_rate * N), conditioned on the voice prompt (spec §4.2)."""
@@ -273,10 +312,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         lens = torch.tensor(lengths, dtype=torch.int64, device=dev)
         spks = self.embed_speaker(torch.stack([x for _, _, _, x in items]))
 
-        valid = torch.arange(t_max, device=dev).unsqueeze(0) < lens.unsqueeze(1)
-        emb = self.input_embedding(tokens) * valid.unsqueeze(-1).float()
-        h, mel_lens = self.encoder(emb, lens)
-        mu = self.encoder_proj(h).transpose(1, 2)
+        mu, mel_lens = self.encode(tokens, lens)
         mask = (torch.arange(r * t_max, device=dev).unsqueeze(0) < mel_lens.unsqueeze(1)).float().unsqueeze(1)
         feat = self.decoder(mu, mask, spks, cond)
         return [feat[i, :, r * p.numel() : int(mel_lens[i])] for i, (_, p, _, _) in enumerate(items)]
@@ -400,7 +436,6 @@ class CausalMaskedDiffWithXvec(nn.Module):
         mus/conds (1, mel, C_i). Rows are interleaved per stream: 2i conditioned, 2i+1 unconditioned (mu, spks
         and cond zeroed). Returns per stream (x (1, mel, C_i), (new estimator cnn cache, new att cache)) with
         the caches untrimmed."""
-        est = self.decoder.estimator
         n = len(states)
         c_lens = [m.shape[2] for m in mus]
         l_lens = [s.noise_offset for s in states]
@@ -431,7 +466,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
         new_cnn, new_att = [], []
         for k, (t, dt) in enumerate(_euler_dts(N_TIMESTEPS, dev)):
-            v, cnn_k, att_k = est.forward_chunk(
+            v, cnn_k, att_k = self.decoder.velocity_chunk(
                 x.repeat_interleave(2, dim=0),
                 mu_in,
                 t.expand(2 * n),

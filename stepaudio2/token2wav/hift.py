@@ -19,7 +19,7 @@ fit is reported by name.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,9 @@ class HiFTGenerator(nn.Module):
         self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_channels)
         # Periodic Hann (scipy get_window("hann", n, fftbins=True)); not part of the checkpoint.
         self.register_buffer("stft_window", torch.hann_window(n_fft, periodic=True), persistent=False)
+        # None: the torch modules. Else an object with `f0(mel)` and `decode(mel, source)` (the exported
+        # graphs, stepaudio2.token2wav.engine); the seeded source module always runs here.
+        self.engine: Any = None
 
     # ---- inference -------------------------------------------------------------------------------------------
 
@@ -256,20 +259,35 @@ class HiFTGenerator(nn.Module):
         `generator` drives the random phase and noise of the excitation (None: torch's global RNG).
         """
         x = self._check_mel(speech_feat)
-        f0 = self.f0_predictor(x)  # (B, T) Hz
+        f0 = self.f0_predictor(x) if self.engine is None else self.engine.f0(x)  # (B, T) Hz
         f0_samples = f0.repeat_interleave(self.hop_length, dim=1).unsqueeze(-1)  # nearest upsampling, (B, L, 1)
         source = self.m_source(f0_samples, generator).transpose(1, 2)  # (B, 1, L)
         if cache_source is not None and cache_source.shape[-1] > 0:
             cache = self._check_cache(cache_source, source)
             source[:, :, : cache.shape[2]] = cache
-        return self.decode(x, source), source
+        wav = self.decode(x, source) if self.engine is None else self.engine.decode(x, source)
+        return wav, source
 
-    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """Generator proper: mel (B, mel_bins, T) and excitation (B, 1, T * hop) -> waveform (B, T * hop)."""
-        cfg = self.cfg
-        n_fft, hop = cfg.istft_n_fft, cfg.istft_hop
+    def _stft(self, source: torch.Tensor) -> torch.Tensor:
+        """(B, 1, L) -> (B, n_fft + 2, L / hop + 1): real parts then imaginary parts."""
+        n_fft, hop = self.cfg.istft_n_fft, self.cfg.istft_hop
         spec = torch.stft(source.squeeze(1), n_fft, hop, n_fft, window=self.stft_window, return_complex=True)
-        s_stft = torch.cat([spec.real, spec.imag], dim=1)  # (B, n_fft + 2, L / hop + 1)
+        return torch.cat([spec.real, spec.imag], dim=1)
+
+    def _istft(self, real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
+        n_fft, hop = self.cfg.istft_n_fft, self.cfg.istft_hop
+        return torch.istft(torch.complex(real, imag), n_fft, hop, n_fft, window=self.stft_window)
+
+    def decode(
+        self, mel: torch.Tensor, source: torch.Tensor, stft: Callable | None = None, istft: Callable | None = None
+    ) -> torch.Tensor:
+        """Generator proper: mel (B, mel_bins, T) and excitation (B, 1, T * hop) -> waveform (B, T * hop).
+
+        `stft` / `istft` replace torch's (same signatures as `_stft` / `_istft`): the exported graph passes
+        convolution-based ones (stepaudio2.token2wav.graphs)."""
+        cfg = self.cfg
+        n_fft = cfg.istft_n_fft
+        s_stft = (stft or self._stft)(source)  # (B, n_fft + 2, L / hop + 1)
 
         x = self.conv_pre(mel)
         n_kernels = len(cfg.resblock_kernel_sizes)
@@ -286,8 +304,7 @@ class HiFTGenerator(nn.Module):
         bins = n_fft // 2 + 1
         magnitude = torch.exp(x[:, :bins]).clamp(max=1e2)
         phase = torch.sin(x[:, bins:])
-        spec_out = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        wav = torch.istft(spec_out, n_fft, hop, n_fft, window=self.stft_window)
+        wav = (istft or self._istft)(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         return wav.clamp(-cfg.audio_limit, cfg.audio_limit)
 
     def _check_mel(self, mel: torch.Tensor) -> torch.Tensor:
