@@ -19,10 +19,72 @@ from stepaudio2.export.repository import MANIFEST
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 
+# token2wav: (min, opt, max) per named dimension of the exported graphs (stepaudio2.export.token2wav_graphs).
+# Streaming covers the spec's limits: chunks up to a whole 30 s voice prompt (stream setup), estimator caches up
+# to prompt + 100 frames (the spec asks for at least 0-1000). Offline graphs stop at 60 s (prompt + reply,
+# 3000 mel frames) per item: the ONNX graphs accept up to 600 s, but a TensorRT profile that large would reserve
+# attention memory quadratic in it for every batch row; longer offline items go through streaming.
+T2W_OFFLINE_TRT_TOKENS = 1500
+T2W_OPT_TOKENS = 250  # 5 s prompt + 5 s reply
+T2W_OPT_CHUNK = 50  # one 25-code chunk
+T2W_OPT_CACHE = 350  # 5 s prompt + the 100 kept frames
+
+
+def _t2w_dims(max_batch: int) -> dict[str, tuple[int, int, int]]:
+    from stepaudio2.export.token2wav_graphs import MAX_CACHE_FRAMES, MAX_CHUNK_FRAMES
+
+    b = max_batch
+    frames = 2 * T2W_OFFLINE_TRT_TOKENS
+    return {
+        "batch": (1, b // 2 or 1, b),
+        "rows": (2, max(2, b), 2 * b),  # CFG-doubled: two rows per request or stream
+        "tokens": (2, T2W_OPT_TOKENS, T2W_OFFLINE_TRT_TOKENS),
+        "frames": (1, 2 * T2W_OPT_TOKENS, frames),
+        "chunk": (1, T2W_OPT_CHUNK, MAX_CHUNK_FRAMES),
+        "prev": (0, T2W_OPT_CACHE, MAX_CACHE_FRAMES),
+        # HiFT: streaming calls see 8 overlap frames + a 50-frame chunk; offline up to the flow's output.
+        "mel_frames": (1, 8 + T2W_OPT_CHUNK, frames),
+    }
+
+
+def _eval_dim(expr: str, values: dict[str, int]) -> int:
+    """A symbolic ONNX dimension ('batch', '480*mel_frames', 'chunk + prev') at the given values."""
+    import ast
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in values:
+            return values[node.id]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Mult):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise InvalidInputError(f"no TensorRT profile value for dimension '{expr}'")
+
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def token2wav_profiles(dims: dict[str, list], max_batch: int) -> dict[str, tuple]:
+    """(min, opt, max) shape per input of a token2wav graph, from its manifest dims (static sizes kept)."""
+    table = _t2w_dims(max_batch)
+    out = {}
+    for name, shape in dims.items():
+        out[name] = tuple(
+            tuple(d if isinstance(d, int) else _eval_dim(d, {k: v[i] for k, v in table.items()}) for d in shape)
+            for i in range(3)
+        )
+    return out
+
 
 def profiles(graph: str, dims: dict[str, list], max_batch: int, cfg: dict[str, Any]) -> dict[str, tuple]:
     """(min, opt, max) shape per dynamic input, up to the spec's limits."""
+    from stepaudio2.token2wav.graphs import GRAPHS as T2W_GRAPHS
+
     b = max_batch
+    if graph in T2W_GRAPHS:
+        return token2wav_profiles(dims, max_batch)
     if graph == "audio_encoder":
         n_mels = cfg["audio_encoder_config"]["n_mels"]
         return {"mel": ((1, n_mels, 8), (b // 2 or 1, n_mels, 1000), (b, n_mels, 3000)), "mel_lengths": ((1,), (b // 2 or 1,), (b,))}

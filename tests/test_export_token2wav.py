@@ -3,6 +3,7 @@ and `generate` on the ONNX engine vs torch, manifest no-op, broken token2wav che
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -262,3 +263,45 @@ def test_export_rejects_misshaped_token2wav_tensors(tiny_checkpoint_full: Path, 
     with pytest.raises(CheckpointError, match="conv_post"):
         export_checkpoint(ckpt, tmp_path / "repo")
     assert not (tmp_path / "repo" / MANIFEST).exists()
+
+
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_tensorrt_profiles_cover_token2wav_graphs(repository: Path, max_batch: int) -> None:
+    from stepaudio2.export.tensorrt_build import profiles
+
+    manifest = json.loads((repository / MANIFEST).read_text())
+    for name in GRAPHS:
+        dims = manifest["graphs"][name]["inputs"]
+        prof = profiles(name, dims, max_batch, {})
+        assert set(prof) == set(dims), name
+        for inp, (lo, opt, hi) in prof.items():
+            assert len(lo) == len(opt) == len(hi) == len(dims[inp]), (name, inp)
+            for d, a, b, c in zip(dims[inp], lo, opt, hi, strict=True):
+                assert a <= b <= c and (not isinstance(d, int) or a == b == c == d), (name, inp, lo, opt, hi)
+    chunk = profiles("flow_estimator_chunk", manifest["graphs"]["flow_estimator_chunk"]["inputs"], max_batch, {})
+    assert chunk["att_cache"][0][3] == 0 and chunk["att_cache"][2][3] >= 1000  # spec: cache lengths 0-1000+
+    assert chunk["x"][2][0] == 2 * max_batch and chunk["x"][2][2] >= 1500  # CFG rows; a 30 s prompt at setup
+    dec = profiles("hift_decoder", manifest["graphs"]["hift_decoder"]["inputs"], max_batch, {})
+    assert all(s[2] == 480 * m[2] for s, m in zip(dec["source"], dec["mel"], strict=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present: refusal path n/a")
+def test_build_engines_refuses_cleanly_without_tensorrt(repository: Path) -> None:
+    from stepaudio2.engines.runners import EngineUnavailableError
+    from stepaudio2.export.tensorrt_build import build_engines
+
+    before = (repository / MANIFEST).read_text()
+    with pytest.raises(EngineUnavailableError, match="TensorRT is not installed"):
+        build_engines(repository, precision="fp16", max_batch=4)
+    assert (repository / MANIFEST).read_text() == before
+
+
+def test_engine_switch_refuses_missing_graphs_and_unknown_kinds(repository: Path, tiny_checkpoint_full: Path) -> None:
+    from stepaudio2.engines.runners import EngineUnavailableError
+
+    with pytest.raises(EngineUnavailableError, match="build-engines"):  # no plan in the manifest yet
+        Token2Wav(repository / "token2wav" / "1", engine="tensorrt")
+    with pytest.raises(EngineUnavailableError, match="stepaudio2 export"):  # the checkpoint has no graphs
+        Token2Wav(tiny_checkpoint_full / "token2wav", engine="onnx-cpu")
+    with pytest.raises(EngineUnavailableError, match="unknown token2wav engine"):
+        Token2Wav(repository / "token2wav" / "1", engine="onnx")
