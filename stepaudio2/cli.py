@@ -34,10 +34,30 @@ def sampling_from_args(args: argparse.Namespace, task: str | None):
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
+    if args.taught:
+        return _tiny_taught(args)
     from stepaudio2.export.tiny import make_tiny_checkpoint
 
     out = make_tiny_checkpoint(args.out, seed=args.seed, preset=args.preset)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def _tiny_taught(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from stepaudio2.errors import InvalidInputError
+    from stepaudio2.export.taught import BASE_PRESET, TAUGHT_INFO, ensure_taught_checkpoint
+
+    if args.preset != BASE_PRESET:
+        raise InvalidInputError(f"--taught fits the '{BASE_PRESET}' preset only (got --preset {args.preset})")
+    t0 = time.perf_counter()
+    cached = ensure_taught_checkpoint(seed=args.seed)  # built once per inputs hash, then reused
+    shutil.copytree(cached, args.out, dirs_exist_ok=True)
+    info = json.loads((cached / TAUGHT_INFO).read_text(encoding="utf-8"))
+    print(f"wrote taught {BASE_PRESET} checkpoint (seed {args.seed}, {info['steps']} steps, built in "
+          f"{info['build_seconds']} s, cached at {cached}) to {args.out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -165,10 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stepaudio2", description="Step-Audio-2-mini on Triton: core tools")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("tiny", help="write a random tiny checkpoint in the real layout")
+    p = sub.add_parser("tiny", help="write a random (or --taught) tiny checkpoint in the real layout")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--taught", action="store_true",
+                   help="fit the tiny model to the shipped curriculum (transcripts, a spoken reply, a tool call); "
+                        "cached under $STEPAUDIO2_CACHE or .build/taught")
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("generate", help="run the in-process reference pipeline")

@@ -64,3 +64,12 @@ def server(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory)
     proc.start(timeout_s=300)
     yield cfg
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def taught_checkpoint() -> Path:
+    """The taught tiny checkpoint (issue 7): built on first use (about 30 s), then reused from the build cache
+    ($STEPAUDIO2_CACHE/taught or .build/taught, keyed by seed, curriculum and code)."""
+    from stepaudio2.export.taught import ensure_taught_checkpoint
+
+    return ensure_taught_checkpoint()
