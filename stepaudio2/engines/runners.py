@@ -28,12 +28,15 @@ class EngineUnavailableError(StepAudio2Error):
 class OrtRunner:
     """ONNX Runtime session. `device` is "cpu" or "cuda" (CUDA falls back to an error, never silently to CPU)."""
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:
+            # Idle workers otherwise busy-wait after each run, starving torch work interleaved in the process.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise EngineUnavailableError("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stepaudio2.engines.runners import EngineUnavailableError, Runner, make_runner
+from stepaudio2.engines.runners import EngineUnavailableError, OrtRunner, Runner, make_runner
 from stepaudio2.token2wav.graphs import (
     FLOW_ENCODER,
     FLOW_ESTIMATOR,
@@ -60,7 +60,14 @@ class GraphEngine:
         if kind not in ENGINES[1:]:
             raise EngineUnavailableError(f"unknown token2wav engine '{kind}' (choose from {', '.join(ENGINES)})")
         self.kind = kind
-        self.runners: dict[str, Runner] = {n: make_runner(graph_path(graph_dir, n, kind), kind) for n in GRAPHS}
+        self.runners: dict[str, Runner] = {n: self._runner(graph_path(graph_dir, n, kind), kind) for n in GRAPHS}
+
+    @staticmethod
+    def _runner(path: Path, kind: str) -> Runner:
+        if kind == "tensorrt":
+            return make_runner(path, kind)
+        # The graphs alternate with torch work (conformer, Euler loop, HiFT source): no spinning ORT workers.
+        return OrtRunner(path, "cuda" if kind == "onnx-cuda" else "cpu", spin=False)
 
     def _run(self, name: str, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs, outputs = SIGNATURES[name]
