@@ -6,8 +6,9 @@ Layout written (version folder 1 of each stage; build outputs, git-ignored):
     <repo>/llm/1/llm_decoder.onnx, embed_tokens.npy, config.json + tokenizer files
     <repo>/token2wav/1/flow.yaml, flow.pt, hift.pt, campplus.onnx, speech_tokenizer_v2_25hz.onnx (when the
                        checkpoint has token2wav/; read by the token2wav and voice_prompt models), and the graphs
-                       flow_encoder.onnx, flow_estimator.onnx, flow_estimator_chunk.onnx, hift_f0.onnx,
-                       hift_decoder.onnx (HiFT's seeded source module stays in the runtime)
+                       flow_encoder.onnx, flow_encoder_chunk.onnx, flow_estimator.onnx,
+                       flow_estimator_chunk.onnx, hift_f0.onnx, hift_decoder.onnx (HiFT's seeded source
+                       module stays in the runtime)
     <repo>/export.json   manifest: checkpoint hash, graph hashes, I/O shapes, opset, precision, versions
 
 Re-running with an unchanged checkpoint and code is a no-op (the manifest's input hash matches).

@@ -28,10 +28,16 @@ T2W_OFFLINE_TRT_TOKENS = 1500
 T2W_OPT_TOKENS = 250  # 5 s prompt + 5 s reply
 T2W_OPT_CHUNK = 50  # one 25-code chunk
 T2W_OPT_CACHE = 350  # 5 s prompt + the 100 kept frames
+T2W_OPT_CONF_CACHE = 253  # 5 s prompt + the 128 kept conformer tokens
 
 
 def _t2w_dims(max_batch: int) -> dict[str, tuple[int, int, int]]:
-    from stepaudio2.export.token2wav_graphs import MAX_CACHE_FRAMES, MAX_CHUNK_FRAMES
+    from stepaudio2.export.token2wav_graphs import (
+        MAX_CACHE_FRAMES,
+        MAX_CHUNK_FRAMES,
+        MAX_CHUNK_TOKENS,
+        MAX_CONFORMER_CACHE,
+    )
 
     b = max_batch
     frames = 2 * T2W_OFFLINE_TRT_TOKENS
@@ -41,6 +47,9 @@ def _t2w_dims(max_batch: int) -> dict[str, tuple[int, int, int]]:
         "tokens": (2, T2W_OPT_TOKENS, T2W_OFFLINE_TRT_TOKENS),
         "frames": (1, 2 * T2W_OPT_TOKENS, frames),
         "chunk": (1, T2W_OPT_CHUNK, MAX_CHUNK_FRAMES),
+        "chunk_tokens": (4, T2W_OPT_CHUNK // 2 + 3, MAX_CHUNK_TOKENS),  # 25 codes + 3 lookahead
+        "conf_cache": (0, T2W_OPT_CONF_CACHE, MAX_CONFORMER_CACHE),
+        "up_conf_cache": (0, 2 * T2W_OPT_CONF_CACHE, 2 * MAX_CONFORMER_CACHE),
         "prev": (0, T2W_OPT_CACHE, MAX_CACHE_FRAMES),
         # HiFT: streaming calls see 8 overlap frames + a 50-frame chunk; offline up to the flow's output.
         "mel_frames": (1, 8 + T2W_OPT_CHUNK, frames),

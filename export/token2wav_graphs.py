@@ -19,9 +19,14 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from stepaudio2.token2wav.flow import ESTIMATOR_CACHE_KEEP_FRAMES, CausalMaskedDiffWithXvec
+from stepaudio2.token2wav.flow import (
+    CONFORMER_CACHE_KEEP_TOKENS,
+    ESTIMATOR_CACHE_KEEP_FRAMES,
+    CausalMaskedDiffWithXvec,
+)
 from stepaudio2.token2wav.graphs import (
     FLOW_ENCODER,
+    FLOW_ENCODER_CHUNK,
     FLOW_ESTIMATOR,
     FLOW_ESTIMATOR_CHUNK,
     HIFT_DECODER,
@@ -38,6 +43,11 @@ MAX_FRAMES = 30000  # 600 s of mel at 50 Hz (the flow's noise buffer)
 MAX_PROMPT_FRAMES = 1500  # 30 s voice prompt
 MAX_CHUNK_FRAMES = MAX_PROMPT_FRAMES  # stream setup runs the whole prompt as one chunk
 MAX_CACHE_FRAMES = MAX_PROMPT_FRAMES + ESTIMATOR_CACHE_KEEP_FRAMES
+MAX_PROMPT_TOKENS = MAX_PROMPT_FRAMES // 2
+# Streaming conformer: chunks up to the prompt plus its stand-in lookahead (stream setup); caches keep the
+# prompt plus the most recent tokens (x2 for the upsampled blocks).
+MAX_CHUNK_TOKENS = MAX_PROMPT_TOKENS + 3
+MAX_CONFORMER_CACHE = MAX_PROMPT_TOKENS + CONFORMER_CACHE_KEEP_TOKENS
 
 
 def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -50,8 +60,16 @@ def examples(flow: CausalMaskedDiffWithXvec, hift: HiFTGenerator) -> dict[str, t
     mel, est = flow.mel_bins, flow.decoder.estimator
     depth, heads, width = len(est.blocks), est.cfg.num_heads, est.att_cache_width
     b, t = 4, 23
+    enc = flow.cfg.encoder
+    d_k = enc.output_size // enc.attention_heads
     return {
         FLOW_ENCODER: (torch.randint(0, flow.cfg.vocab_size, (2, 17), generator=g), torch.tensor([17, 9])),
+        FLOW_ENCODER_CHUNK: (
+            torch.randint(0, flow.cfg.vocab_size, (2, 9), generator=g), torch.tensor([9, 6]),
+            _randn(g, 2, enc.output_size, 2), _randn(g, 2, enc.output_size, 2 * enc.up_stride),
+            _randn(g, enc.num_blocks, 2, enc.attention_heads, 5, 2 * d_k),
+            _randn(g, enc.num_up_blocks, 2, enc.attention_heads, 10, 2 * d_k),
+        ),
         FLOW_ESTIMATOR: (
             _randn(g, b, mel, t), (torch.arange(t) < torch.tensor([[23], [11], [23], [11]])).float().unsqueeze(1),
             _randn(g, b, mel, t), torch.rand(b, generator=g), _randn(g, b, mel), _randn(g, b, mel, t),
@@ -73,12 +91,19 @@ def dynamic_shapes(hop: int) -> dict[str, dict[str, dict[int, Dim]]]:
     tokens = Dim("tokens", min=2, max=MAX_TOKENS)  # prompt + codes: at least 2
     frames = Dim("frames", min=1, max=MAX_FRAMES)
     chunk = Dim("chunk", min=1, max=MAX_CHUNK_FRAMES)
+    chunk_tokens = Dim("chunk_tokens", min=4, max=MAX_CHUNK_TOKENS)  # > the 3 lookahead codes
+    conf_cache = Dim("conf_cache", min=0, max=MAX_CONFORMER_CACHE)
+    up_conf_cache = Dim("up_conf_cache", min=0, max=2 * MAX_CONFORMER_CACHE)
     prev = Dim("prev", min=0, max=MAX_CACHE_FRAMES)
     mel_frames = Dim("mel_frames", min=1, max=MAX_FRAMES)
     seq3 = {0: rows, 2: frames}
     chunk3 = {0: rows, 2: chunk}
     return {
         FLOW_ENCODER: {"tokens": {0: batch, 1: tokens}, "token_lengths": {0: batch}},
+        FLOW_ENCODER_CHUNK: {
+            "tokens": {0: batch, 1: chunk_tokens}, "token_count": {0: batch}, "lookahead_cache": {0: batch},
+            "up_cache": {0: batch}, "att_cache": {1: batch, 3: conf_cache}, "up_att_cache": {1: batch, 3: up_conf_cache},
+        },
         FLOW_ESTIMATOR: {"x": seq3, "mask": seq3, "mu": seq3, "t": {0: rows}, "spks": {0: rows}, "cond": seq3},
         FLOW_ESTIMATOR_CHUNK: {
             "x": chunk3, "mu": chunk3, "t": {0: rows}, "spks": {0: rows}, "cond": chunk3,

@@ -100,6 +100,41 @@ def test_flow_encoder_matches_torch(repository: Path, modules: dict, lengths: li
     assert out["mel_lengths"].tolist() == [2 * n for n in lengths]
 
 
+def _encoder_chunk_args(modules: dict, counts: list[int], tokens: int, cache: int, seed: int) -> tuple:
+    enc = modules["flow_encoder_chunk"].flow.cfg.encoder
+    g = torch.Generator().manual_seed(seed)
+    b, d, heads = len(counts), enc.output_size, enc.attention_heads
+    width = 2 * (d // heads)
+    return (torch.randint(0, 6561, (b, tokens), generator=g), torch.tensor(counts),
+            torch.randn(b, d, 2, generator=g), torch.randn(b, d, 2 * enc.up_stride, generator=g),
+            torch.randn(enc.num_blocks, b, heads, cache, width, generator=g),
+            torch.randn(enc.num_up_blocks, b, heads, 2 * cache, width, generator=g))
+
+
+# batch 1 first chunk (empty caches); 3 rows, one with its last 2 codes zeroed (as for an ending stream);
+# odd length
+@pytest.mark.parametrize(("counts", "tokens", "cache"), [([28], 28, 0), ([28, 26, 28], 28, 40), ([17], 17, 131)])
+def test_flow_encoder_chunk_matches_torch(repository: Path, modules: dict, counts: list[int], tokens: int,
+                                          cache: int) -> None:
+    out = _check(repository, modules, "flow_encoder_chunk", _encoder_chunk_args(modules, counts, tokens, cache, tokens))
+    assert out["mu"].shape[2] == 2 * (tokens - 3) and out["new_att_cache"].shape[3] == cache + tokens - 3
+
+
+def test_flow_encoder_chunk_graph_ends_a_stream_like_torch(repository: Path, modules: dict) -> None:
+    """Last chunk: the graph's zeroed stand-in codes equal the torch path's zero-padded lookahead."""
+    flow = modules["flow_encoder_chunk"].flow
+    tokens, _, *caches = _encoder_chunk_args(modules, [11], 11, 23, 5)
+    runner = OrtRunner(repository / "token2wav" / "1" / "flow_encoder_chunk.onnx")
+    names, outputs = SIGNATURES["flow_encoder_chunk"]
+    padded = torch.cat([tokens, torch.zeros(1, 3, dtype=torch.int64)], dim=1)
+    got = runner(**{n: a.numpy() for n, a in zip(names, (padded, torch.tensor([11]), *caches), strict=True)})
+    with torch.no_grad():
+        ref = flow.encode_chunk(tokens, True, *caches)
+    assert got["mu"].shape == (1, 80, 22)
+    for n, r in zip(outputs, ref, strict=True):
+        assert np.abs(got[n] - r.numpy()).max() <= TOL, n
+
+
 @pytest.mark.parametrize(("rows", "frames"), [([20], 20), ([31, 12, 25], 31), ([45], 45)])
 def test_flow_estimator_matches_torch(repository: Path, modules: dict, rows: list[int], frames: int) -> None:
     g = torch.Generator().manual_seed(frames)

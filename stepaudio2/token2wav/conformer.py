@@ -277,6 +277,18 @@ class UpsampleConformerEncoderV2(nn.Module):
         if last:
             # The stream ended: the missing lookahead is zeros, as at the end of an offline sequence.
             x = F.pad(x, (0, 0, 0, self.cfg.pre_lookahead_len))
+        return self.forward_chunk_embedded(x, lookahead_cache, up_cache, att_cache, up_att_cache)
+
+    def forward_chunk_embedded(
+        self,
+        x: torch.Tensor,
+        lookahead_cache: torch.Tensor | None = None,
+        up_cache: torch.Tensor | None = None,
+        att_cache: torch.Tensor | None = None,
+        up_att_cache: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward_chunk` after `embed`: x (b, t, d) whose last `pre_lookahead_len` rows are the lookahead
+        (zeros at the end of a stream). The streaming encoder graph enters here."""
         x, new_lookahead = self.pre_lookahead_layer.forward_chunk(x, lookahead_cache)
 
         tc = att_cache.shape[3] if att_cache is not None else 0

@@ -1,10 +1,9 @@
 """Engine switch of token2wav: the flow's and HiFT's networks on exported graphs through Runners.
 
-`GraphEngine` has the call signatures the torch code uses (`FlowModel.encode_torch`, `DiT.forward`,
-`DiT.forward_chunk`, `HiFTGenerator.f0_predictor` and `.decode`), taking and returning torch tensors, so the
-flow and the vocoder run unchanged around it (`FlowModel.set_engine`, `HiFTGenerator.engine`). What stays in
-torch: token and speaker embeddings for streaming, the streaming conformer chunk, the Euler loop and cache
-bookkeeping, and HiFT's seeded source module.
+`GraphEngine` has the signatures of the graphs (stepaudio2.token2wav.graphs), taking and returning torch
+tensors, so the flow and the vocoder run unchanged around it (`FlowModel.set_engine`, `HiFTGenerator.engine`).
+What stays in torch: the speaker embedding (one small linear), the Euler loop, cache trimming and batching,
+and HiFT's seeded source module.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from stepaudio2.engines.runners import EngineUnavailableError, OrtRunner, Runner, make_runner
 from stepaudio2.token2wav.graphs import (
     FLOW_ENCODER,
+    FLOW_ENCODER_CHUNK,
     FLOW_ESTIMATOR,
     FLOW_ESTIMATOR_CHUNK,
     GRAPHS,
@@ -78,6 +78,12 @@ class GraphEngine:
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, mel_lengths = self._run(FLOW_ENCODER, tokens, lengths)
         return mu, mel_lengths
+
+    def encode_chunk(
+        self, tokens: torch.Tensor, token_count: torch.Tensor, *caches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, la, up, att, up_att = self._run(FLOW_ENCODER_CHUNK, tokens, token_count, *caches)
+        return mu, la, up, att, up_att
 
     def velocity(self, *args: torch.Tensor) -> torch.Tensor:
         return self._run(FLOW_ESTIMATOR, *args)[0]

@@ -57,9 +57,13 @@ class PromptLike(Protocol):
 
 class FlowEngine(Protocol):
     """Where the flow's networks run when not on its torch modules (stepaudio2.token2wav.engine.GraphEngine):
-    the same signatures as `encode_torch`, `DiT.forward` and `DiT.forward_chunk`."""
+    the signatures of the exported graphs (stepaudio2.token2wav.graphs), torch tensors in and out."""
 
     def encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def encode_chunk(
+        self, tokens: torch.Tensor, token_count: torch.Tensor, *caches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def velocity(self, *args: torch.Tensor) -> torch.Tensor: ...
 
@@ -206,8 +210,9 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.engine: FlowEngine | None = None  # None: the torch modules (see set_engine)
 
     def set_engine(self, engine: FlowEngine | None) -> None:
-        """Run the encoder and the estimator on `engine` (exported graphs) instead of the torch modules; None
-        goes back to torch. Everything else (embeddings, streaming conformer, Euler loop, caches) is unchanged."""
+        """Run the encoders (offline and streaming) and the estimator on `engine` (exported graphs) instead of
+        the torch modules; None goes back to torch. The rest (speaker embedding, Euler loop, cache trimming and
+        batching) is unchanged."""
         self.engine = engine
         self.decoder.engine = engine
 
@@ -319,6 +324,43 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
     # ---- streaming --------------------------------------------------------------------------------------------
 
+    def encode_chunk(
+        self,
+        tokens: torch.Tensor,
+        last: bool,
+        lookahead_cache: torch.Tensor | None = None,
+        up_cache: torch.Tensor | None = None,
+        att_cache: torch.Tensor | None = None,
+        up_att_cache: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One streaming chunk through the conformer: tokens (1, t) -> (mu (1, mel, r*n), new lookahead cache,
+        up cache, att cache, up att cache); n = t - pre_lookahead_len, or t when `last`. None caches: the
+        stream's first chunk."""
+        if self.engine is not None:
+            caches = (lookahead_cache, up_cache, att_cache, up_att_cache)
+            if lookahead_cache is None:
+                caches = self.empty_chunk_caches(tokens.shape[0])
+            count = torch.full((tokens.shape[0],), tokens.shape[1], dtype=torch.int64, device=tokens.device)
+            if last:  # the graph zeroes the embeddings of these stand-ins for the missing lookahead
+                tokens = F.pad(tokens, (0, self.pre_lookahead_len))
+            return self.engine.encode_chunk(tokens, count, *caches)
+        h, *caches = self.encoder.forward_chunk(
+            self.input_embedding(tokens), last, lookahead_cache, up_cache, att_cache, up_att_cache
+        )
+        return self.encoder_proj(h).transpose(1, 2), *caches
+
+    def empty_chunk_caches(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        """What None caches mean for `encode_chunk`: zero conv caches and attention caches of length 0."""
+        enc, dev = self.cfg.encoder, self.device
+        d, h = enc.output_size, enc.attention_heads
+        width = 2 * (d // h)
+        return (
+            torch.zeros(batch, d, self.encoder.pre_lookahead_layer.cache_len, device=dev),
+            torch.zeros(batch, d, self.encoder.up_layer.cache_len, device=dev),
+            torch.zeros(enc.num_blocks, batch, h, 0, width, device=dev),
+            torch.zeros(enc.num_up_blocks, batch, h, 0, width, device=dev),
+        )
+
     @torch.no_grad()
     def setup_stream(self, prompt: PromptLike) -> FlowStreamState:
         """Run the voice prompt through the conformer and the estimator to fill a new stream's caches.
@@ -329,10 +371,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         la = self.pre_lookahead_len
         lookahead = tokens.repeat(math.ceil(la / tokens.numel()))[:la]
         spks = self.embed_speaker(xvec.unsqueeze(0))
-        h, la_cache, up_cache, att, up_att = self.encoder.forward_chunk(
-            self.input_embedding(torch.cat([tokens, lookahead]).unsqueeze(0)), last=False
-        )
-        mu = self.encoder_proj(h).transpose(1, 2)
+        mu, la_cache, up_cache, att, up_att = self.encode_chunk(torch.cat([tokens, lookahead]).unsqueeze(0), False)
         est = self.decoder.estimator
         steps, depth = N_TIMESTEPS, len(est.blocks)
         empty_state = FlowStreamState(
@@ -390,8 +429,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         mus, conds = [], []
         for i in work:
             st = states[i]
-            h, la_c, up_c, att, up_att = self.encoder.forward_chunk(
-                self.input_embedding(parsed[i].to(self.device).unsqueeze(0)),
+            mu, la_c, up_c, att, up_att = self.encode_chunk(
+                parsed[i].to(self.device).unsqueeze(0),
                 bool(lasts[i]),
                 st.lookahead_cache,
                 st.up_cache,
@@ -405,7 +444,6 @@ class CausalMaskedDiffWithXvec(nn.Module):
                 att_cache=_trim(att, 3, st.prompt_tokens, keep),
                 up_att_cache=_trim(up_att, 3, self.up_rate * st.prompt_tokens, self.up_rate * keep),
             )
-            mu = self.encoder_proj(h).transpose(1, 2)
             mus.append(mu)
             conds.append(torch.zeros_like(mu))  # streaming chunks carry no mel condition
 

@@ -1,8 +1,9 @@
 """Graph-shaped wrappers of the token2wav modules: the exact signatures exported to ONNX / TensorRT.
 
-Five graphs (file `<name>.onnx` in the token2wav version folder):
+Six graphs (file `<name>.onnx` in the token2wav version folder):
 - `flow_encoder`: tokens (B, T) int64, token_lengths (B,) int64 -> mu (B, mel, r*T), mel_lengths (B,):
   token embedding + upsampling conformer + `encoder_proj` (offline, padding-aware).
+- `flow_encoder_chunk`: the same for one streaming chunk, conformer caches in and out.
 - `flow_estimator`: the DiT velocity for offline sampling; B is the CFG-doubled batch.
 - `flow_estimator_chunk`: the DiT velocity for a batch of streaming chunks with their attention / conv caches
   as inputs and outputs; rows may belong to different streams (own cache and chunk lengths).
@@ -29,6 +30,7 @@ from stepaudio2.token2wav.flow import CausalMaskedDiffWithXvec
 from stepaudio2.token2wav.hift import HiFTGenerator
 
 FLOW_ENCODER = "flow_encoder"
+FLOW_ENCODER_CHUNK = "flow_encoder_chunk"
 FLOW_ESTIMATOR = "flow_estimator"
 FLOW_ESTIMATOR_CHUNK = "flow_estimator_chunk"
 HIFT_F0 = "hift_f0"
@@ -37,6 +39,10 @@ HIFT_DECODER = "hift_decoder"
 # name -> (input names, output names)
 SIGNATURES: dict[str, tuple[list[str], list[str]]] = {
     FLOW_ENCODER: (["tokens", "token_lengths"], ["mu", "mel_lengths"]),
+    FLOW_ENCODER_CHUNK: (
+        ["tokens", "token_count", "lookahead_cache", "up_cache", "att_cache", "up_att_cache"],
+        ["mu", "new_lookahead_cache", "new_up_cache", "new_att_cache", "new_up_att_cache"],
+    ),
     FLOW_ESTIMATOR: (["x", "mask", "mu", "t", "spks", "cond"], ["velocity"]),
     FLOW_ESTIMATOR_CHUNK: (
         ["x", "mu", "t", "spks", "cond", "cnn_cache", "att_cache", "cache_lengths", "chunk_lengths"],
@@ -57,6 +63,28 @@ class FlowEncoderGraph(nn.Module):
 
     def forward(self, tokens: torch.Tensor, token_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.flow.encode_torch(tokens, token_lengths)
+
+
+class FlowEncoderChunkGraph(nn.Module):
+    """Streaming flow encoder: one chunk through the conformer caches (`FlowModel.encode_chunk`).
+
+    tokens (B, t): the chunk's codes, whose last `pre_lookahead_len` are lookahead only; token_count (B,): how
+    many are real, the rest (at the end of a stream) stand for the missing lookahead and are zeroed after the
+    embedding, as the torch path pads zeros. Caches: lookahead_cache (B, d, 2), up_cache (B, d, 2*stride),
+    att_cache (blocks, B, heads, T, 2*d_k), up_att_cache (up_blocks, B, heads, T', 2*d_k), length 0 at the
+    first chunk. Rows of one call share cache lengths (the runtime calls it once per stream)."""
+
+    def __init__(self, flow: CausalMaskedDiffWithXvec) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, tokens, token_count, lookahead_cache, up_cache, att_cache, up_att_cache):
+        flow = self.flow
+        x = flow.encoder.embed(flow.input_embedding(tokens))
+        real = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0) < token_count.unsqueeze(1)
+        x = x * real.unsqueeze(-1).to(x.dtype)
+        h, *caches = flow.encoder.forward_chunk_embedded(x, lookahead_cache, up_cache, att_cache, up_att_cache)
+        return (flow.encoder_proj(h).transpose(1, 2), *caches)
 
 
 class EstimatorGraph(nn.Module):
@@ -137,6 +165,7 @@ def graph_modules(
     """Every token2wav graph as an eval-mode module, keyed by graph name."""
     return {
         FLOW_ENCODER: FlowEncoderGraph(flow).eval(),
+        FLOW_ENCODER_CHUNK: FlowEncoderChunkGraph(flow).eval(),
         FLOW_ESTIMATOR: EstimatorGraph(flow.decoder.estimator).eval(),
         FLOW_ESTIMATOR_CHUNK: EstimatorChunk(flow.decoder.estimator).eval(),
         HIFT_F0: HiFTF0Graph(hift).eval(),
