@@ -464,6 +464,10 @@ REPO = Path(__file__).resolve().parents[1]
 # whose tiny writer fills token2wav/.
 _CODE_PATHS = ("export/taught.py", "export/tiny.py", "stepaudio2/models", "stepaudio2/text", "stepaudio2/audio",
                "stepaudio2/request.py", "stepaudio2/token2wav")
+# token2wav modules used only at synthesis time (not by the tiny writer): editing them must not force a refit.
+_RUNTIME_ONLY = frozenset({"stepaudio2/token2wav/synth.py", "stepaudio2/token2wav/engine.py",
+                           "stepaudio2/token2wav/graphs.py", "stepaudio2/token2wav/prompt.py"})
+STALE_AFTER_S = 3600.0  # other builds of a seed untouched this long are pruned after a new build
 
 
 def _code_files() -> list[tuple[str, Path]]:
@@ -477,7 +481,7 @@ def _code_files() -> list[tuple[str, Path]]:
         path = roots[top] / rest
         found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         files += [(f"{top}/{f.relative_to(roots[top])}", f) for f in found]
-    return files
+    return [(rel, f) for rel, f in files if rel not in _RUNTIME_ONLY]
 
 
 def cache_key(seed: int = DEFAULT_SEED, max_steps: int = MAX_STEPS, verify: bool = True) -> str:
@@ -554,4 +558,24 @@ def ensure_taught_checkpoint(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _prune(root, seed, keep=final.name)
     return final
+
+
+def _prune(root: Path, seed: int, keep: str) -> None:
+    """Remove this seed's other builds (older code or curriculum: never hit again), with their exports, lock
+    files and abandoned temporary folders, once untouched for STALE_AFTER_S (a running session keeps its copy)."""
+    now = time.time()
+    for path in root.iterdir():
+        name = path.name.lstrip(".")
+        if not name.startswith(f"seed{seed}-") or name.startswith(keep):
+            continue
+        try:
+            if now - path.stat().st_mtime < STALE_AFTER_S:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # another process pruned it first
+            pass

@@ -193,22 +193,33 @@ def test_build_record(taught_checkpoint: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runtime(taught_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The serving runtime folder of the taught checkpoint, exported once (the ONNX export is the slow part):
-    the ONNX parity test reads its model repository and the served tests start tritonserver on it."""
+    """A serving runtime folder for the taught checkpoint: the ONNX parity test reads its model repository and
+    the served tests start tritonserver on it.
+
+    The ONNX export (about 50 s with the token2wav graphs) is kept beside the cached checkpoint, where
+    `--engine onnx` puts it too, and copied in: the launcher's own hash check then finds it up to date. A stale
+    or missing copy only means the launcher exports again."""
+    from stepaudio2.export.repository import export_checkpoint
+    from stepaudio2.export.taught import _FileLock
     from stepaudio2.serving.launcher import ServerConfig, prepare_runtime
 
+    exported = taught_checkpoint.parent / f"{taught_checkpoint.name}-onnx"
+    with _FileLock(taught_checkpoint.parent / f"{exported.name}.lock"):  # concurrent sessions export once
+        export_checkpoint(taught_checkpoint, exported)  # no-op when up to date
     cfg = ServerConfig(
         checkpoint=taught_checkpoint, runtime=tmp_path_factory.mktemp("taught-serve"),
         grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
     )
+    shutil.copytree(exported, cfg.runtime / "model_repository")
     stages, _ = prepare_runtime(cfg)
     return cfg, stages
 
 
-def test_onnx_engine_gives_the_same_replies(taught_checkpoint: Path, reference: ReferencePipeline, runtime) -> None:
+def test_onnx_engine_gives_the_same_replies(reference: ReferencePipeline, runtime) -> None:
     import numpy as np
 
-    onnx = ReferencePipeline(taught_checkpoint, engine="onnx", repository=runtime[1])
+    cfg, stages = runtime
+    onnx = ReferencePipeline(cfg.checkpoint, engine="onnx", repository=stages)
     for lesson in LESSONS:
         req = _request(lesson.request, lesson.clip)
         got = onnx.generate(req)
@@ -246,6 +257,13 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 
 
 def test_cache_builds_once_when_two_processes_race(tmp_path: Path) -> None:
+    import os
+
+    # Builds of older code: this seed's stale one is pruned, a recent one and another seed's are kept.
+    for name in ("seed0-stale", "seed0-recent", "seed1-stale"):
+        (tmp_path / name).mkdir()
+    for name in ("seed0-stale", "seed1-stale"):
+        os.utime(tmp_path / name, (0, 0))
     code = (
         "import sys; from pathlib import Path; from stepaudio2.export.taught import ensure_taught_checkpoint; "
         "print(ensure_taught_checkpoint(Path(sys.argv[1]), max_steps=2, verify=False))"
@@ -257,7 +275,8 @@ def test_cache_builds_once_when_two_processes_race(tmp_path: Path) -> None:
     assert outs[0] == outs[1]
     built = Path(outs[0])
     entries = sorted(p.name for p in tmp_path.iterdir())
-    assert entries == sorted([built.name, f"{built.name}.lock"])  # no temporary folder left behind
+    # One build, no temporary folder left behind, stale entries pruned.
+    assert entries == sorted([built.name, f"{built.name}.lock", "seed0-recent", "seed1-stale"])
     info = json.loads((built / TAUGHT_INFO).read_text())
     assert info["max_steps"] == 2 and info["verified"] is False
     from stepaudio2.models.step_audio2 import load_model
@@ -272,3 +291,76 @@ def test_cli_taught_copies_the_cached_build(taught_checkpoint: Path, tmp_path: P
     assert main(["tiny", "--out", str(tmp_path / "out"), "--taught"]) == 0
     assert _weights(tmp_path / "out") == _weights(taught_checkpoint)
     assert main(["tiny", "--out", str(tmp_path / "x"), "--taught", "--preset", "small"]) == 2
+
+
+# ---- served: a real tritonserver on the taught checkpoint, over gRPC -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(runtime):
+    pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
+    from stepaudio2.serving.launcher import TritonProcess
+
+    cfg, _ = runtime
+    proc = TritonProcess(cfg)
+    proc.start(timeout_s=300)  # the graphs are already exported into the runtime: no export here
+    yield cfg
+    proc.stop()
+
+
+@pytest.fixture()
+def client(served):
+    from stepaudio2_client import StepAudio2Client
+
+    with StepAudio2Client(f"127.0.0.1:{served.grpc_port}") as c:
+        yield c
+
+
+def _streamed(events: list[dict]) -> dict:
+    """What the event stream itself carried (before the result): plain text, speech text, codes, tool calls."""
+    kinds = [e["type"] for e in events]
+    return {
+        "text": "".join(e["text"] for e in events if e["type"] == "text" and not e["in_speech"]),
+        "tts_text": "".join(e["text"] for e in events if e["type"] == "text" and e["in_speech"]),
+        "audio_codes": [c for e in events if e["type"] == "audio_codes" for c in e["codes"]],
+        "tool_calls": [e["call"] for e in events if e["type"] == "tool_call"],
+        "last": kinds[-1],
+    }
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=[lesson.name for lesson in LESSONS])
+def test_served_pipeline_gives_each_reply_exactly(client, lesson: Lesson) -> None:
+    events = list(client.stream(lesson.request, clip_path(lesson.clip).read_bytes()))
+    result = events[-1]
+    assert result["type"] == "result"
+    _assert_reply(result, lesson.expect)
+    streamed = _streamed(events[:-1])
+    for name in ("text", "tts_text", "audio_codes", "tool_calls"):
+        assert streamed[name] == result[name], name  # the events carried the same reply as the result
+
+
+def test_served_tool_call_round_trip_through_a_client_session(client) -> None:
+    from stepaudio2.text import WEB_SEARCH_TOOL
+    from stepaudio2_client import Session, ToolRegistry
+
+    asked: list[dict] = []
+
+    def web_search(arguments: dict) -> str:
+        asked.append(arguments)
+        return CURRICULUM.tool_result
+
+    registry = ToolRegistry()
+    registry.register(WEB_SEARCH_TOOL, web_search)
+    events: list[dict] = []
+    lesson = next(x for x in LESSONS if x.request.get("tools"))
+    answer = Session(client, registry).ask({"task": "voice-chat"}, clip_path(lesson.clip).read_bytes(),
+                                           on_event=events.append)
+    # The model's call reached the client, which ran the tool with the model's arguments ...
+    assert [e["call"] for e in events if e["type"] == "tool_call"] == lesson.expect["tool_calls"]
+    assert asked == [dict(CURRICULUM.tool_call["arguments"])]
+    # ... and sent the result back as an `input` turn; the answer is spoken (text + codes).
+    assert answer["messages"][-1]["role"] == "input"
+    assert answer["messages"][-1]["content"].startswith(CURRICULUM.tool_result)
+    _assert_reply(answer, tool_answer_expect())
+    results = [e for e in events if e["type"] == "result"]
+    assert len(results) == 2 and results[-1]["audio_codes"] == list(CURRICULUM.spoken_answer.codes)
