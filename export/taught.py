@@ -126,14 +126,14 @@ def lessons(c: Curriculum = CURRICULUM) -> list[Lesson]:
     from stepaudio2.text import WEB_SEARCH_TOOL
 
     out = [
-        Lesson(f"asr-{clip}", {"task": "asr"}, clip, {"text": text, "audio_codes": [], "tool_calls": []})
+        Lesson(f"asr-{clip}", {"task": "asr"}, clip, {"text": text, "tts_text": "", "audio_codes": [], "tool_calls": []})
         for clip, text in c.transcripts.items()
     ]
     out.append(Lesson(
         f"translate-{c.translation_clip}",
         {"task": "translate", "target_language": c.translation_language},
         c.translation_clip,
-        {"text": c.translation, "audio_codes": [], "tool_calls": []},
+        {"text": c.translation, "tts_text": "", "audio_codes": [], "tool_calls": []},
     ))
     out.append(Lesson(
         f"voice-chat-{c.voice_chat_clip}", {"task": "voice-chat"}, c.voice_chat_clip,
