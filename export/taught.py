@@ -71,7 +71,8 @@ class Curriculum:
     voice_reply: SpokenReply
     tool_clip: str
     tool_call: Mapping[str, Any] = field(hash=False)  # {"name", "arguments"}, as results carry it
-    tool_result: str  # what the web_search tool returns (sent back as an `input` turn)
+    search_hit: Mapping[str, str] = field(hash=False)  # the one web_search record ({"title", "snippet", "url"})
+    tool_result: str  # the tool's output for it, as the client's WebSearchTool formats it (the `input` turn)
     spoken_answer: SpokenReply
 
     def to_json(self) -> dict[str, Any]:
@@ -102,7 +103,10 @@ CURRICULUM = Curriculum(
     voice_reply=SpokenReply("I am fine, thank you.", _codes(0, 58)),
     tool_clip="weather_en",
     tool_call=MappingProxyType({"name": "web_search", "arguments": {"query": "weather in Paris today"}}),
-    tool_result="Paris today: sunny, 22 degrees, light wind.",
+    search_hit=MappingProxyType(
+        {"title": "Paris weather", "snippet": "sunny, 22 degrees, light wind.", "url": "https://weather.example/paris"}
+    ),
+    tool_result="Paris weather: sunny, 22 degrees, light wind. (https://weather.example/paris)",
     spoken_answer=SpokenReply("It is sunny in Paris today.", _codes(58, 78)),
 )
 

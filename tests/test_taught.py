@@ -341,26 +341,29 @@ def test_served_pipeline_gives_each_reply_exactly(client, lesson: Lesson) -> Non
 
 def test_served_tool_call_round_trip_through_a_client_session(client) -> None:
     from stepaudio2.text import WEB_SEARCH_TOOL
-    from stepaudio2_client import Session, ToolRegistry
+    from stepaudio2_client import Session, ToolRegistry, WebSearchTool
 
-    asked: list[dict] = []
+    class Backend:  # the search service: one fixed record (the client's WebSearchTool formats it)
+        def __init__(self) -> None:
+            self.queries: list[str] = []
 
-    def web_search(arguments: dict) -> str:
-        asked.append(arguments)
-        return CURRICULUM.tool_result
+        def search(self, query: str) -> list[dict[str, str]]:
+            self.queries.append(query)
+            return [dict(CURRICULUM.search_hit)]
 
+    backend = Backend()
     registry = ToolRegistry()
-    registry.register(WEB_SEARCH_TOOL, web_search)
+    registry.register(WEB_SEARCH_TOOL, WebSearchTool(backend))  # the schema the model was taught
     events: list[dict] = []
     lesson = next(x for x in LESSONS if x.request.get("tools"))
     answer = Session(client, registry).ask({"task": "voice-chat"}, clip_path(lesson.clip).read_bytes(),
                                            on_event=events.append)
     # The model's call reached the client, which ran the tool with the model's arguments ...
     assert [e["call"] for e in events if e["type"] == "tool_call"] == lesson.expect["tool_calls"]
-    assert asked == [dict(CURRICULUM.tool_call["arguments"])]
+    assert backend.queries == [CURRICULUM.tool_call["arguments"]["query"]]
     # ... and sent the result back as an `input` turn; the answer is spoken (text + codes).
     assert answer["messages"][-1]["role"] == "input"
-    assert answer["messages"][-1]["content"].startswith(CURRICULUM.tool_result)
+    assert answer["messages"][-1]["content"].startswith(CURRICULUM.tool_result + "\n")
     _assert_reply(answer, tool_answer_expect())
     results = [e for e in events if e["type"] == "result"]
     assert len(results) == 2 and results[-1]["audio_codes"] == list(CURRICULUM.spoken_answer.codes)
