@@ -41,7 +41,7 @@ class BlsStages:
                 requested_output_names=["audio_embeds"],
             ).exec()
             self.raise_for(resp, self.encoder_model)
-            out.append(pb.get_output_tensor_by_name(resp, "audio_embeds").as_numpy()[0])
+            out.append(pb.get_output_tensor_by_name(resp, "audio_embeds").as_numpy()[0].copy())
         return out
 
     def generator(self, is_cancelled: Callable[[], bool]):
@@ -100,19 +100,16 @@ class BlsStages:
         resp = pb.InferenceRequest(model_name=self.voice_model, inputs=inputs,
                                    requested_output_names=list(PROMPT_OUTPUTS)).exec()
         self.raise_for(resp, self.voice_model)
-        return {name: pb.get_output_tensor_by_name(resp, name).as_numpy() for name in PROMPT_OUTPUTS}
+        # Copies: a BLS output lives in shared memory that is freed with its response.
+        return {name: pb.get_output_tensor_by_name(resp, name).as_numpy().copy() for name in PROMPT_OUTPUTS}
 
     def _token2wav(self, inputs: list, outputs: list[str]) -> Any:
-        """One call to the decoupled token2wav model: exactly one response (or only the final flag)."""
+        """One call to token2wav (its dynamic batcher gathers concurrent calls into one synthesis round)."""
         pb = self.pb
-        stream = pb.InferenceRequest(model_name=self.token2wav_model, inputs=inputs,
-                                     requested_output_names=outputs).exec(decoupled=True)
-        answer = None
-        for resp in stream:
-            self.raise_for(resp, self.token2wav_model)
-            if resp.output_tensors():
-                answer = resp
-        return answer
+        resp = pb.InferenceRequest(model_name=self.token2wav_model, inputs=[_batched(pb, t) for t in inputs],
+                                   requested_output_names=outputs).exec()
+        self.raise_for(resp, self.token2wav_model)
+        return resp
 
     def _prompt_inputs(self, prompt: dict[str, np.ndarray]) -> list:
         pb = self.pb
@@ -130,7 +127,7 @@ class BlsStages:
         resp = self._token2wav([bytes_tensor(pb, "op", "push"), bytes_tensor(pb, "stream_id", stream_id),
                                 pb.Tensor("codes", np.asarray(codes, np.int64)),
                                 pb.Tensor("last", np.array([last], bool))], ["pcm"])
-        return pb.get_output_tensor_by_name(resp, "pcm").as_numpy()
+        return pb.get_output_tensor_by_name(resp, "pcm").as_numpy().reshape(-1).copy()
 
     def speech_cancel(self, stream_id: str) -> None:
         pb = self.pb
@@ -140,16 +137,22 @@ class BlsStages:
         pb = self.pb
         resp = self._token2wav([bytes_tensor(pb, "op", "offline"), pb.Tensor("codes", np.asarray(codes, np.int64)),
                                 *self._prompt_inputs(prompt), pb.Tensor("seed", np.array([seed], np.int64))], ["pcm"])
-        return pb.get_output_tensor_by_name(resp, "pcm").as_numpy()
+        return pb.get_output_tensor_by_name(resp, "pcm").as_numpy().reshape(-1).copy()
 
     def raise_for(self, resp: Any, stage: str) -> None:
         """Re-raise a stage's error with its status kept: a bad request stays INVALID_ARGUMENT for the client."""
         if not resp.has_error():
             return
         err = resp.error()
-        _, message = strip_status(err.message())
-        if err.code() == self.pb.TritonError.INVALID_ARG:
+        status, message = strip_status(err.message())  # the prefix survives where the code does not
+        if err.code() == self.pb.TritonError.INVALID_ARG or status == "INVALID_ARGUMENT":
             raise InvalidInputError(message)
-        if err.code() == self.pb.TritonError.UNAVAILABLE:
+        if err.code() == self.pb.TritonError.UNAVAILABLE or status == "UNAVAILABLE":
             raise QueueFullError(message)
         raise RuntimeError(f"{stage}: {message}")
+
+
+def _batched(pb: Any, tensor: Any) -> Any:
+    """The tensor with a leading batch dimension of 1 (token2wav has max_batch_size > 0)."""
+    return pb.Tensor(tensor.name(), tensor.as_numpy()[None])
+

@@ -32,6 +32,8 @@ class ServerError(StepAudio2Error):
 
 
 SPEECH_STAGES = ("token2wav", "voice_prompt")
+SHM_DEFAULT_BYTES = 64 * 1024 * 1024
+SHM_GROWTH_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -113,7 +115,12 @@ def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[li
     args = [str(binary), f"--model-repository={stages}", f"--model-repository={pipelines}", *args,
             f"--http-address={cfg.host}", f"--grpc-address={cfg.host}", f"--metrics-address={cfg.host}",
             f"--http-port={cfg.http_port}", f"--grpc-port={cfg.grpc_port}", f"--metrics-port={cfg.metrics_port}",
-            "--exit-timeout-secs=10"]
+            "--exit-timeout-secs=10",
+            # Each Python-backend stub starts with this much shared memory for tensors. Growing a region while
+            # other threads of the stub use it crashed the server under concurrent speech streams (PCM chunks and
+            # voice prompts are 100 kB+ each), so start large: tmpfs pages cost nothing until touched.
+            f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]
     if cfg.engine == "onnx-cpu":  # no GPU to watch; the CPU build would log errors trying
         args.append("--allow-gpu-metrics=false")
     args += cfg.extra_args

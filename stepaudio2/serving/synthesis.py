@@ -14,7 +14,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,7 +81,7 @@ class SynthesisScheduler:
         self.on_round = on_round
         self._streams: dict[str, _Stream] = {}
         self._offline: deque[_Offline] = deque()
-        self._cv = threading.Condition()
+        self._cv = threading.Condition(threading.RLock())  # re-entrant: push() inside hold()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="token2wav-scheduler", daemon=True)
         self._thread.start()
@@ -131,6 +132,12 @@ class SynthesisScheduler:
             return False
         self._fail(stream.jobs, InvalidInputError("the stream was cancelled"))
         return True
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Queue several jobs atomically (`with scheduler.hold(): push(...); push(...)`): one round sees them all."""
+        with self._cv:
+            yield
 
     @property
     def active_streams(self) -> int:

@@ -199,8 +199,11 @@ class VoicePromptEncoder:
         """Encode a prompt from the bytes of an audio file (wav, flac, ...), as a server receives it."""
         if not data:
             raise AudioError("voice prompt is empty")
-        first, sr = decode_audio(data, mono="first")
-        mean, _ = decode_audio(data, mono="mean")
+        try:
+            first, sr = decode_audio(data, mono="first")
+            mean, _ = decode_audio(data, mono="mean")
+        except AudioError as exc:
+            raise AudioError(f"voice prompt: {exc}") from None
         return self._encode(first, None if np.array_equal(first, mean) else mean, sr)
 
     def cache_info(self) -> CacheInfo:

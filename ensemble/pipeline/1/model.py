@@ -41,7 +41,14 @@ class TritonPythonModel:
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
         self.sessions = SessionStore(int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
+        # One stub-to-server message at a time (responses, cancellation checks): concurrent ones from several
+        # threads crashed the Python backend of this Triton version (shared-memory lock corruption).
+        self.send_lock = threading.RLock()
         self.pool = ThreadPoolExecutor(int(params.get("max_concurrent_requests", 64)), thread_name_prefix="pipeline")
+
+    def _locked(self, fn):
+        with self.send_lock:
+            return fn()
 
     def _audio_done(self, route: SpeechRoute) -> None:
         clock = route.clock
@@ -53,7 +60,7 @@ class TritonPythonModel:
             self.speech_metrics.underruns.increment(clock.underruns)
 
     def _handle(self, request, sender, arrived: float) -> None:
-        lock = threading.Lock()  # the speech worker and this thread both send
+        lock = self.send_lock
 
         def emit(event: dict, pcm: np.ndarray | None) -> None:
             tensors = [bytes_tensor(pb_utils, "event", json.dumps(event, ensure_ascii=False))]
@@ -68,7 +75,7 @@ class TritonPythonModel:
                 json_value(optional_input(pb_utils, request, "request"), "request"),
                 bytes_value(optional_input(pb_utils, request, "audio")),
                 _voice_bytes(optional_input(pb_utils, request, "voice")),
-                emit, is_cancelled=request.is_cancelled, sessions=self.sessions, arrived=arrived,
+                emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )
             with lock:

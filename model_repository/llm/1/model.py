@@ -54,6 +54,7 @@ class TritonPythonModel:
         )
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
         self.metrics.slots_total.set(self.batcher.max_slots)
+        self.send_lock = threading.RLock()
         self.cancelled: set[str] = set()  # sequence ids cancelled by the pipeline (thread-safe set ops)
         self.worker = threading.Thread(target=self.batcher.run, name="llm-continuous-batching", daemon=True)
         self.worker.start()
@@ -93,7 +94,7 @@ class TritonPythonModel:
             (self.metrics.ttft if state["first"] else self.metrics.inter_token).observe(now - state["last"])
             state.update(last=now, first=False)
             self.metrics.tokens.increment(1)
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
+            self._send(sender, pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("token_ids", np.array([token], np.int64)),
             ]))
 
@@ -101,9 +102,9 @@ class TritonPythonModel:
             self.cancelled.discard(seq_id)
             self.metrics.finished(reason)
             if reason.startswith("error"):
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(reason)), flags=FINAL)
+                self._send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(reason)), flags=FINAL)
             else:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                self._send(sender, pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("token_ids", np.zeros(0, np.int64)), bytes_tensor(pb_utils, "finish_reason", reason),
                 ]), flags=FINAL)
 
@@ -115,8 +116,21 @@ class TritonPythonModel:
             stop_ids=frozenset(stop_ids(self.tokenizer, self.config, sampling)),
             on_token=on_token,
             on_finish=on_finish,
-            is_cancelled=lambda: request.is_cancelled() or (seq_id is not None and seq_id in self.cancelled),
+            is_cancelled=lambda: (seq_id is not None and seq_id in self.cancelled) or self._request_cancelled(request),
         )
+
+    def _request_cancelled(self, request) -> bool:
+        with self.send_lock:
+            return request.is_cancelled()
+
+    def _send(self, sender, response=None, flags: int = 0) -> None:
+        # One send at a time per stub (the batcher thread and execute() both answer): concurrent sends crashed
+        # this Triton version's Python backend.
+        with self.send_lock:
+            if response is None:
+                sender.send(flags=flags)
+            else:
+                sender.send(response, flags=flags)
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -124,14 +138,14 @@ class TritonPythonModel:
             cancel = bytes_value(optional_input(pb_utils, request, "cancel"))
             if cancel is not None:  # control request: mark, answer at once; the slot frees at the next step
                 self.cancelled.add(cancel.decode())
-                sender.send(flags=FINAL)
+                self._send(sender, flags=FINAL)
                 continue
             try:
                 self.batcher.submit(self._sequence(request, sender, time.perf_counter()))
             except Exception as exc:
                 if isinstance(exc, QueueFullError):
                     self.metrics.rejected.increment(1)
-                sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+                self._send(sender, pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
         return None
 
     def finalize(self) -> None:

@@ -1,10 +1,12 @@
-"""Triton adapter for token2wav: requests become jobs of the core SynthesisScheduler, whose loop batches the
-chunks of all open streams into one estimator call per Euler step and answers each request when its job is done.
+"""Triton adapter for token2wav: the dynamic batcher delivers concurrent requests together; their jobs go to the
+core SynthesisScheduler in one atomic step, so one round batches the chunks of all their streams into one
+estimator call per Euler step. execute() returns when every job of the batch is answered.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +24,46 @@ from stepaudio2.serving.triton_utils import (
 )
 from stepaudio2.token2wav.prompt import VoicePrompt
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+JOB_TIMEOUT_S = 300.0
+
+
+def _item(request, name: str, required: bool = False) -> np.ndarray | None:
+    """One request's input without its batch dimension of 1."""
+    value = (required_input if required else optional_input)(pb_utils, request, name)
+    return None if value is None else value[0]
+
+
+def _text(request, name: str) -> str:
+    return (bytes_value(_item(request, name)) or b"").decode("utf-8", "replace")
 
 
 def _prompt(request) -> VoicePrompt:
-    tokens = required_input(pb_utils, request, "prompt_tokens").astype(np.int64).reshape(-1)
-    mel = required_input(pb_utils, request, "prompt_mel").astype(np.float32)
-    xvector = required_input(pb_utils, request, "prompt_xvector").astype(np.float32).reshape(-1)
+    tokens = _item(request, "prompt_tokens", True).astype(np.int64).reshape(-1)
+    mel = _item(request, "prompt_mel", True).astype(np.float32)
+    xvector = _item(request, "prompt_xvector", True).astype(np.float32).reshape(-1)
     if mel.ndim != 2 or mel.shape[0] != 2 * tokens.size:
         raise InvalidInputError(f"prompt_mel must be (2 x {tokens.size} prompt tokens, mel bins), got {mel.shape}")
     if not (np.all(np.isfinite(mel)) and np.all(np.isfinite(xvector))):
         raise InvalidInputError("prompt_mel / prompt_xvector contain NaN or infinite values")
-    key = (bytes_value(optional_input(pb_utils, request, "voice_id")) or b"").decode("utf-8", "replace") or None
-    return VoicePrompt(tokens=tokens, xvector=xvector, mel=mel, key=key)
+    return VoicePrompt(tokens=tokens, xvector=xvector, mel=mel, key=_text(request, "voice_id") or None)
 
 
 def _seed(request) -> int:
-    seed = optional_input(pb_utils, request, "seed")
+    seed = _item(request, "seed")
     return 0 if seed is None or seed.size == 0 else int(seed.reshape(-1)[0])
+
+
+class _Answer:
+    """Collects one job's result from the scheduler thread."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.pcm: np.ndarray | None = None
+        self.error: BaseException | None = None
+
+    def __call__(self, pcm: np.ndarray | None, error: BaseException | None) -> None:
+        self.pcm, self.error = pcm, error
+        self.event.set()
 
 
 class TritonPythonModel:
@@ -73,48 +97,50 @@ class TritonPythonModel:
         self.metrics.active.set(self.scheduler.active_streams)
         self.metrics.queue.set(self.scheduler.queue_depth)
 
-    @staticmethod
-    def _answer(sender):
-        def done(pcm: np.ndarray | None, error: BaseException | None) -> None:
-            if error is not None:
-                sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, error)), flags=FINAL)
-            else:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("pcm", pcm)]), flags=FINAL)
-
-        return done
-
-    def _handle(self, request, sender) -> None:
-        op = (bytes_value(required_input(pb_utils, request, "op")) or b"").decode("utf-8", "replace")
-        stream_id = (bytes_value(optional_input(pb_utils, request, "stream_id")) or b"").decode("utf-8", "replace")
+    def _submit(self, request):
+        """Start the request's work: a finished response, or an _Answer the scheduler will fill."""
+        op = _text(request, "op")
+        stream_id = _text(request, "stream_id")
         if op == "start":
             sid = self.scheduler.start_stream(_prompt(request), seed=_seed(request))
-            sender.send(pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)]),
-                        flags=FINAL)
-        elif op == "push":
+            return pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)])
+        if op == "cancel":
+            self.scheduler.cancel(stream_id)  # unknown ids are fine: the stream may have just finished
+            return pb_utils.InferenceResponse(output_tensors=[])
+        answer = _Answer()
+        if op == "push":
             if not stream_id:
                 raise InvalidInputError("op 'push' needs a stream_id")
-            last = optional_input(pb_utils, request, "last")
-            codes = optional_input(pb_utils, request, "codes")
+            last, codes = _item(request, "last"), _item(request, "codes")
             self.scheduler.push(stream_id, np.zeros(0, np.int64) if codes is None else codes.reshape(-1),
-                                bool(last is not None and last.size and last.reshape(-1)[0]), self._answer(sender))
-        elif op == "cancel":
-            self.scheduler.cancel(stream_id)  # unknown ids are fine: the stream may have just finished
-            sender.send(flags=FINAL)
+                                bool(last is not None and last.size and last.reshape(-1)[0]), answer)
         elif op == "offline":
-            codes = required_input(pb_utils, request, "codes").reshape(-1)
-            self.scheduler.offline(codes, _prompt(request), _seed(request), self._answer(sender))
+            self.scheduler.offline(_item(request, "codes", True).reshape(-1), _prompt(request), _seed(request), answer)
         else:
             raise InvalidInputError(f"unknown op '{op[:32]}' (start, push, cancel or offline)")
+        return answer
 
-    def execute(self, requests: list) -> None:
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._handle(request, sender)
-            except Exception as exc:
-                sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+    def execute(self, requests: list) -> list:
+        pending: list = []
+        with self.scheduler.hold():  # every job of this batch joins the same round
+            for request in requests:
+                try:
+                    pending.append(self._submit(request))
+                except Exception as exc:
+                    pending.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         self._gauges()
-        return None
+        responses = []
+        for item in pending:
+            if isinstance(item, _Answer):
+                if not item.event.wait(JOB_TIMEOUT_S):
+                    item.error = TimeoutError(f"synthesis took longer than {JOB_TIMEOUT_S:g} s")
+                if item.error is not None:
+                    item = pb_utils.InferenceResponse(error=triton_error(pb_utils, item.error))
+                else:
+                    item = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("pcm", item.pcm[None])])
+            responses.append(item)
+        self._gauges()
+        return responses
 
     def finalize(self) -> None:
         self.scheduler.close()

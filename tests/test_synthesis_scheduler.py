@@ -1,0 +1,175 @@
+"""SynthesisScheduler in-process: cross-stream batching equals each stream alone, ids, expiry, cancel, offline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stepaudio2.errors import InvalidInputError
+from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
+
+from .conftest import ASSETS
+
+AUDIO_TOL = 2e-3  # a stream inside a ragged batch vs alone (padding changes float summation order)
+
+
+@pytest.fixture(scope="module")
+def t2w(tiny_checkpoint_full: Path):
+    from stepaudio2.token2wav.synth import Token2Wav
+
+    return Token2Wav(tiny_checkpoint_full / "token2wav")
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_checkpoint_full: Path):
+    from stepaudio2.token2wav.prompt import VoicePromptEncoder
+
+    return VoicePromptEncoder(tiny_checkpoint_full / "token2wav").encode_file(ASSETS / "default_voice.wav")
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.results: list[tuple[np.ndarray | None, BaseException | None]] = []
+        self.event = threading.Event()
+
+    def __call__(self, pcm, err) -> None:
+        self.results.append((pcm, err))
+        self.event.set()
+
+    def wait(self) -> np.ndarray:
+        assert self.event.wait(60), "no answer from the scheduler"
+        self.event.clear()
+        pcm, err = self.results[-1]
+        if err is not None:
+            raise err
+        return pcm
+
+
+def _alone(t2w, prompt, codes: list[int], seed: int, step: int) -> np.ndarray:
+    s = t2w.start_stream(prompt, seed=seed)
+    parts = [t2w.push(s, codes[i : i + step]) for i in range(0, len(codes), step)]
+    parts.append(t2w.push(s, [], last=True))
+    return np.concatenate(parts)
+
+
+def test_concurrent_streams_are_batched_and_equal_alone(t2w, prompt) -> None:
+    rng = np.random.default_rng(3)
+    codes = [rng.integers(0, 6561, n).tolist() for n in (61, 80, 37, 90)]
+    rounds: list[RoundStats] = []
+    sched = SynthesisScheduler(t2w, max_batch=8, on_round=rounds.append)
+    try:
+        ids = [sched.start_stream(prompt, seed=i) for i in range(len(codes))]
+        outs: list[list[np.ndarray]] = [[] for _ in codes]
+        cols = [Collector() for _ in codes]
+        step = 30
+        for off in range(0, max(map(len, codes)) + step, step):  # all streams push before any waits: one round
+            for i, c in enumerate(codes):
+                if off <= len(c):
+                    sched.push(ids[i], c[off : off + step], off + step > len(c), cols[i])
+            for i, c in enumerate(codes):
+                if off <= len(c):
+                    outs[i].append(cols[i].wait())
+        assert sched.active_streams == 0  # every stream ended and was released
+    finally:
+        sched.close()
+    for i, c in enumerate(codes):
+        got = np.concatenate(outs[i])
+        want = _alone(t2w, prompt, c, seed=i, step=step)
+        assert got.shape == want.shape == (len(c) * 2 * 480,)
+        np.testing.assert_allclose(got, want, atol=AUDIO_TOL)
+    assert max(r.estimator_batch for r in rounds) > 1, rounds
+
+
+def test_batching_off_runs_one_stream_per_round(t2w, prompt) -> None:
+    rounds: list[RoundStats] = []
+    sched = SynthesisScheduler(t2w, batching=False, on_round=rounds.append)
+    try:
+        cols = [Collector() for _ in range(3)]
+        ids = [sched.start_stream(prompt) for _ in range(3)]
+        for sid, col in zip(ids, cols, strict=True):
+            sched.push(sid, list(range(40)), True, col)
+        for col in cols:
+            assert col.wait().size == 40 * 960
+    finally:
+        sched.close()
+    assert rounds and all(r.estimator_batch == 1 for r in rounds)
+
+
+def test_first_chunks_go_before_later_chunks_of_other_streams(t2w, prompt) -> None:
+    sched = SynthesisScheduler(t2w, batching=False)
+    try:
+        old = sched.start_stream(prompt)
+        col = Collector()
+        sched.push(old, list(range(28)), False, col)
+        assert col.wait().size > 0  # `old` has audio out now
+        order: list[str] = []
+        gate = threading.Lock()
+        gate.acquire()
+        blocker = sched.start_stream(prompt)
+        # Hold the loop inside a round so the next two pushes queue up together.
+        sched.push(blocker, list(range(28)), False, lambda pcm, err: gate.acquire(timeout=30))
+        time.sleep(0.2)
+        new = sched.start_stream(prompt)
+        sched.push(old, list(range(25)), False, lambda pcm, err: order.append("old"))
+        sched.push(new, list(range(28)), False, lambda pcm, err: order.append("new"))
+        gate.release()
+        for _ in range(200):
+            if len(order) == 2:
+                break
+            time.sleep(0.05)
+        assert order == ["new", "old"]
+    finally:
+        sched.close()
+
+
+def test_stream_ids_are_checked_and_streams_released(t2w, prompt) -> None:
+    sched = SynthesisScheduler(t2w, stream_ttl_s=0.3)
+    try:
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            sched.push("not-a-stream", [1, 2, 3], False, Collector())
+        sid = sched.start_stream(prompt)
+        with pytest.raises(InvalidInputError, match="outside"):
+            sched.push(sid, [1, 99999], False, Collector())
+        with pytest.raises(InvalidInputError, match="without any speech code"):
+            sched.push(sid, [], True, Collector())
+        col = Collector()
+        sched.push(sid, [5] * 10, True, col)
+        assert col.wait().size == 10 * 960
+        with pytest.raises(InvalidInputError, match="does not exist"):  # released after its last chunk
+            sched.push(sid, [1], False, Collector())
+        cancelled = sched.start_stream(prompt)
+        assert sched.cancel(cancelled) and sched.active_streams == 0
+        idle = sched.start_stream(prompt)
+        time.sleep(1.5)  # the loop expires idle streams
+        assert sched.active_streams == 0
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            sched.push(idle, [1], False, Collector())
+    finally:
+        sched.close()
+
+
+def test_offline_jobs_are_batched_and_equal_alone(t2w, prompt) -> None:
+    rng = np.random.default_rng(5)
+    codes = [rng.integers(0, 6561, n).tolist() for n in (20, 33, 41)]
+    rounds: list[RoundStats] = []
+    sched = SynthesisScheduler(t2w, on_round=rounds.append)
+    gate = threading.Event()
+    try:
+        # Block the loop with a first job so the three offline jobs wait together and form one batch.
+        blocker = Collector()
+        sched.offline([1] * 5, prompt, 0, lambda pcm, err: (gate.wait(30), blocker(pcm, err)))
+        time.sleep(0.2)
+        cols = [Collector() for _ in codes]
+        for i, c in enumerate(codes):
+            sched.offline(c, prompt, i, cols[i])
+        gate.set()
+        outs = [col.wait() for col in cols]
+    finally:
+        sched.close()
+    for i, c in enumerate(codes):
+        np.testing.assert_allclose(outs[i], t2w.offline(c, prompt, seed=i), atol=AUDIO_TOL)
+    assert any(r.kind == "offline" and r.estimator_batch == 3 for r in rounds), rounds
