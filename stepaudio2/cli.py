@@ -156,12 +156,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from stepaudio2.serving.launcher import ServerConfig, serve_forever
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if checkpoint is None:  # embedded default: the tiny checkpoint, made once
-        from stepaudio2.export.tiny import make_tiny_checkpoint
+    if checkpoint is None:  # embedded default: the taught tiny checkpoint (built once, cached by its inputs)
+        from stepaudio2.export.taught import ensure_taught_checkpoint
 
-        checkpoint = Path(args.runtime) / "tiny"
-        if not (checkpoint / "config.json").is_file():
-            make_tiny_checkpoint(checkpoint, seed=0)
+        checkpoint = ensure_taught_checkpoint(seed=0)
     cfg = ServerConfig(
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
@@ -221,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="export if needed, then run Triton with the stages and the pipelines")
-    p.add_argument("--checkpoint", help="checkpoint directory (default: a tiny checkpoint made on first run)")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the taught tiny checkpoint, built once)")
     p.add_argument("--runtime", default=".build/serve", help="runtime model repositories, logs, build files")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)

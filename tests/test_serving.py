@@ -295,3 +295,10 @@ def test_client_cli_json_matches_reference(server: ServerConfig, reference: Refe
 def test_client_library_does_not_import_torch() -> None:
     code = "import sys, stepaudio2_client; assert 'torch' not in sys.modules and 'stepaudio2' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_client_web_search_schema_is_the_servers() -> None:
+    from stepaudio2.text import WEB_SEARCH_TOOL
+    from stepaudio2_client import WEB_SEARCH_SCHEMA
+
+    assert json.dumps(WEB_SEARCH_SCHEMA, ensure_ascii=False) == json.dumps(WEB_SEARCH_TOOL, ensure_ascii=False)

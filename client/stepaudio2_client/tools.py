@@ -6,14 +6,17 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
+# Byte-for-byte the server's stepaudio2.text.WEB_SEARCH_TOOL (a test checks it): the schema is written into the
+# prompt verbatim, so any other wording is a prompt the model was not trained on. Kept as a copy because the
+# client must not import the server package.
 WEB_SEARCH_SCHEMA: dict[str, Any] = {
     "type": "function",
     "function": {
         "name": "web_search",
-        "description": "Search the web for up-to-date information.",
+        "description": "搜索工具：在互联网上检索实时信息，例如新闻、天气、赛事结果和事实性知识。",
         "parameters": {
             "type": "object",
-            "properties": {"query": {"type": "string", "description": "what to search for"}},
+            "properties": {"query": {"type": "string", "description": "搜索关键词或问题"}},
             "required": ["query"],
         },
     },

@@ -18,7 +18,7 @@ from stepaudio2.serving.bls import BlsStages
 from stepaudio2.serving.events import event_dict
 from stepaudio2.serving.sessions import NEW, SessionStore
 from stepaudio2.serving.speech_route import SpeechOptions, SpeechRoute
-from stepaudio2.text import AudioCodes, ToolCallEvent
+from stepaudio2.text import AudioCodes, ToolCallEvent, get_task
 
 Emit = Callable[[dict[str, Any], np.ndarray | None], None]  # (event, PCM chunk or None)
 
@@ -56,6 +56,8 @@ def serve_request(
     req = request_from_json(obj, audio)
     if voice_audio is not None and not voice_audio:
         raise InvalidInputError("voice prompt audio is empty")
+    if (req.generation if req.messages is not None else get_task(req.task or "").output) != "speech":
+        options.output = "none"  # a text reply is never spoken, even if stray audio tokens appear in it
     speech = SpeechRoute(stages, options, voice_audio, lambda event, pcm: emit(event, pcm), arrived)
     flow = run_pipeline(tokenizer, req, stages.encode, stages.generator(is_cancelled))
     try:
