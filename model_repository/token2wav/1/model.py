@@ -6,6 +6,7 @@ estimator call per Euler step. execute() returns when every job of the batch is 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -76,7 +77,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         if int(params.get("torch_threads", 0)) > 0:
             torch.set_num_threads(int(params["torch_threads"]))
-        t2w = Token2Wav(Path(args["model_repository"]) / "1")
+        # "torch" (default: the reference modules) or "server" (the graphs of --engine: onnx-cpu/onnx-cuda/tensorrt).
+        engine = params.get("engine", "torch")
+        if engine == "server":
+            engine = os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu")
+        t2w = Token2Wav(Path(args["model_repository"]) / "1", engine=engine)
         self.metrics = Token2WavMetrics(pb_utils, args["model_name"])
         self.scheduler = SynthesisScheduler(
             t2w,
