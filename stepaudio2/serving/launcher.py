@@ -9,6 +9,7 @@ into a runtime folder and exports the ONNX graphs there, so the source tree neve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,9 @@ class ServerConfig:
     tritonserver: Path | None = None
     engine: str = "onnx-cpu"
     extra_args: list[str] = field(default_factory=list)
+    # {model: {parameter: value}} written over the `parameters` of the runtime copies of config.pbtxt
+    # (e.g. {"token2wav": {"batching": "false"}} for the benchmark's baseline).
+    model_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -60,6 +64,17 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
+def _set_parameters(config: Path, values: dict[str, str]) -> None:
+    """Replace the string values of existing `parameters` entries in a config.pbtxt (unknown keys are errors)."""
+    text = config.read_text(encoding="utf-8")
+    for key, value in values.items():
+        pattern = re.compile(r'(key: "' + re.escape(key) + r'" value: \{ string_value: ")[^"]*(")')
+        text, n = pattern.subn(lambda m, v=value: m.group(1) + v + m.group(2), text)
+        if n != 1:
+            raise ServerError(f"{config}: no parameter '{key}' to set")
+    config.write_text(text, encoding="utf-8")
+
+
 def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     """Runtime model repository (stages + exported graphs) and runtime ensemble repository."""
     from stepaudio2.export.repository import export_checkpoint
@@ -68,6 +83,8 @@ def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     _copy_tree(MODEL_REPOSITORY, stages)
     _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
     export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
+    for model, values in cfg.model_parameters.items():
+        _set_parameters(stages / model / "config.pbtxt", values)
     if not (stages / "token2wav" / "1" / "flow.yaml").is_file():
         # A checkpoint without token2wav/ serves text only: the speech stages would fail to load.
         for name in SPEECH_STAGES:
