@@ -3,55 +3,68 @@
 A request with `"session_id": "new"` opens a session; the result names its id. A later request with that id
 sends only its new turns (`messages`, or `text` as a human turn) and the server prepends the conversation so far
 (spoken turns included, replayed as their token ids) and reuses the session's audio. Bounded in count (least
-recently used first out) and in idle time; an unknown or expired id is INVALID_ARGUMENT.
+recently used first out) and in idle time; an unknown or expired id is INVALID_ARGUMENT. Sessions live as files
+in a directory, so every instance (process) of the pipeline model sees the same sessions.
 """
 
 from __future__ import annotations
 
-import threading
+import base64
+import json
+import os
+import re
+import tempfile
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import dataclass
+from pathlib import Path
 
 from stepaudio2.errors import InvalidInputError
 
 NEW = "new"
-
-
-@dataclass
-class SessionState:
-    messages: list[dict]  # wire form, ending with the last assistant turn
-    generation: str
-    audio: bytes | None
-    touched: float
+_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int = 1024, ttl_s: float = 1800.0, max_messages: int = 256) -> None:
+    def __init__(self, root: str | Path, max_sessions: int = 1024, ttl_s: float = 1800.0,
+                 max_messages: int = 256) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self.max_messages = max_messages
-        self._sessions: OrderedDict[str, SessionState] = OrderedDict()
-        self._lock = threading.Lock()
+
+    def _files(self) -> list[Path]:
+        """Live session files, oldest first; expired ones are removed on the way."""
+        now, live = time.time(), []
+        for path in self.root.glob("*.json"):
+            try:
+                if now - path.stat().st_mtime > self.ttl_s:
+                    path.unlink(missing_ok=True)
+                else:
+                    live.append(path)
+            except FileNotFoundError:  # another instance removed it meanwhile
+                continue
+        return sorted(live, key=lambda p: p.stat().st_mtime if p.exists() else 0.0)
 
     def __len__(self) -> int:
-        with self._lock:
-            self._expire(time.monotonic())
-            return len(self._sessions)
+        return len(self._files())
 
-    def _expire(self, now: float) -> None:
-        for key in [k for k, s in self._sessions.items() if now - s.touched > self.ttl_s]:
-            del self._sessions[key]
+    def _load(self, session_id: str) -> dict:
+        path = self.root / f"{session_id}.json"
+        try:
+            if not _ID.match(session_id) or time.time() - path.stat().st_mtime > self.ttl_s:
+                raise FileNotFoundError
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            raise InvalidInputError(
+                f"session_id '{session_id[:64]}' does not exist (never opened or expired)"
+            ) from None
+        os.utime(path)  # touched: least recently used goes first
+        return state
 
     def continue_request(self, session_id: str, obj: dict, audio: bytes | None) -> tuple[dict, bytes | None]:
         """The full request for a follow-up in session `session_id`: stored history + the request's new turns."""
-        with self._lock:
-            self._expire(time.monotonic())
-            state = self._sessions.get(session_id)
-            if state is None:
-                raise InvalidInputError(f"session_id '{session_id[:64]}' does not exist (never opened or expired)")
-            self._sessions.move_to_end(session_id)
+        state = self._load(session_id)
         turns = obj.pop("messages", None)
         text = obj.pop("text", None)
         if turns is None and text is None:
@@ -62,20 +75,25 @@ class SessionStore:
         for name in ("task", "history", "tools", "generation"):
             if obj.pop(name, None) is not None:
                 raise InvalidInputError(f"request field '{name}' is fixed by the session; leave it out of follow-ups")
-        if audio and state.audio:
+        stored_audio = base64.b64decode(state["audio"]) if state.get("audio") else None
+        if audio and stored_audio:
             raise InvalidInputError("this session already has its audio; a follow-up cannot bring new audio")
-        obj["messages"] = [*state.messages, *new_turns]
-        obj["generation"] = state.generation
-        return obj, audio or state.audio
+        obj["messages"] = [*state["messages"], *new_turns]
+        obj["generation"] = state["generation"]
+        return obj, audio or stored_audio
 
     def save(self, session_id: str, messages: list[dict], generation: str, audio: bytes | None) -> str:
         """Store the conversation after a reply; `NEW` opens a session and returns its id."""
         if len(messages) > self.max_messages:
             raise InvalidInputError(f"session is longer than {self.max_messages} messages; start a new one")
         key = uuid.uuid4().hex if session_id == NEW else session_id
-        with self._lock:
-            self._sessions[key] = SessionState(messages, generation, audio, time.monotonic())
-            self._sessions.move_to_end(key)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+        data = {"messages": messages, "generation": generation,
+                "audio": base64.b64encode(audio).decode() if audio else None}
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False)
+        os.replace(tmp, self.root / f"{key}.json")  # atomic: readers see the old or the new conversation
+        files = self._files()
+        for path in files[: max(0, len(files) - self.max_sessions)]:
+            path.unlink(missing_ok=True)
         return key

@@ -1,17 +1,17 @@
 """Speech routing of the streaming pipeline: the audio codes of a reply go to token2wav as they arrive, and
 24 kHz PCM chunks go back to the client as soon as each is ready, while text deltas keep flowing.
 
-One `SpeechRoute` per reply. The pipeline thread calls `feed` with each AudioCodes event (it never waits on
-synthesis); a worker thread opens the token2wav stream on the first codes, pushes codes whenever the 25 + 3
-chunk rule makes a chunk due, and sends the PCM. `finish` pushes the end of the stream, waits for the last
-chunk and returns the audio summary of the result; `cancel` releases the server-side stream.
+One `SpeechRoute` per reply, on the pipeline's thread: `feed` takes each AudioCodes event; when the 25 + 3 chunk
+rule makes a chunk due it opens the token2wav stream (first time), pushes the new codes and sends the PCM. The
+LLM keeps generating meanwhile (its tokens wait in the BLS stream), so a chunk costs the text deltas after it one
+synthesis call of delay. `finish` pushes the end of the stream and returns the audio summary of the result;
+`cancel` releases the server-side stream. (A worker thread would overlap the two, but several threads talking to
+the server from one stub crashed this Triton version's Python backend.)
 Modes: "stream" (chunks as they are ready), "offline" (one synthesis of the whole reply at the end), "none".
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,16 +99,13 @@ class SpeechRoute:
         self.send = send
         self.clock = DeliveryClock(arrived)
         self.codes: list[int] = []
-        self.submitted = 0  # codes handed to the worker
+        self.submitted = 0  # codes already pushed to token2wav
         self.next_due = FIRST_CHUNK_CODES
         self.samples = 0
         self.chunks = 0
         self.stream_id: str | None = None
         self.prompt: dict[str, np.ndarray] | None = None
-        self.error: BaseException | None = None
-        self._jobs: queue.Queue = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._cancelled = threading.Event()
+        self._cancelled = False
 
     # ---- pipeline thread ----------------------------------------------------------------------------------------
 
@@ -131,9 +128,6 @@ class SpeechRoute:
             self._deliver(pcm)
         else:
             self._submit(last=True)
-            self._worker.join()
-            if self.error is not None:
-                raise self.error
         ttfa = self.clock.time_to_first_audio
         return {
             "sample_rate": SAMPLE_RATE, "samples": self.samples, "seconds": self.samples / SAMPLE_RATE,
@@ -142,22 +136,20 @@ class SpeechRoute:
         }
 
     def cancel(self) -> None:
-        """The client left: stop the worker and release the token2wav stream."""
-        self._cancelled.set()
-        if self._worker is not None:
-            self._jobs.put(None)
-            self._worker.join(timeout=30)
+        """The client left (or the reply failed): release the token2wav stream."""
+        self._cancelled = True
         if self.stream_id is not None:
-            self.stages.speech_cancel(self.stream_id)
-
-    # ---- worker thread ------------------------------------------------------------------------------------------
+            stream_id, self.stream_id = self.stream_id, None
+            self.stages.speech_cancel(stream_id)
 
     def _submit(self, last: bool) -> None:
-        batch, self.submitted = self.codes[self.submitted :], len(self.codes)
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="speech-route", daemon=True)
-            self._worker.start()
-        self._jobs.put((batch, last))
+        codes, self.submitted = self.codes[self.submitted :], len(self.codes)
+        if self.stream_id is None:
+            self._ensure_prompt()
+            self.stream_id = self.stages.speech_start(self.prompt, self.options.seed)
+        self._deliver(self.stages.speech_push(self.stream_id, codes, last))
+        if last:
+            self.stream_id = None  # token2wav released it with the last chunk
 
     def _ensure_prompt(self) -> None:
         if self.prompt is None:
@@ -166,26 +158,8 @@ class SpeechRoute:
     def _voice_id(self) -> str | None:
         return None if self.prompt is None else bytes(self.prompt["voice_id"].reshape(-1)[0]).decode()
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None or self._cancelled.is_set():
-                return
-            codes, last = job
-            try:
-                if self.stream_id is None:
-                    self._ensure_prompt()
-                    self.stream_id = self.stages.speech_start(self.prompt, self.options.seed)
-                self._deliver(self.stages.speech_push(self.stream_id, codes, last))
-            except BaseException as exc:  # noqa: BLE001 (reported by finish() on the pipeline thread)
-                self.error = exc
-                return
-            if last:
-                self.stream_id = None  # token2wav released it with the last chunk
-                return
-
     def _deliver(self, pcm: np.ndarray) -> None:
-        if pcm.size == 0 or self._cancelled.is_set():
+        if pcm.size == 0 or self._cancelled:
             return
         pcm = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
         seconds = pcm.size / SAMPLE_RATE

@@ -1,6 +1,8 @@
 """Triton adapter for the streaming pipeline: runs `serve_request` (the core `run_pipeline` flow with the
 audio_encoder, llm, voice_prompt and token2wav stages reached over BLS) and streams each event back as JSON, PCM
-chunks in `audio_chunk`. One worker thread per active request."""
+chunks in `audio_chunk`. Each instance (a process) serves one request at a time on its own thread: the Python
+backend of this Triton version crashed when several threads of one stub talked to the server at once, so
+concurrency comes from `instance_group` count (Triton routes each new request to a free instance)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import json
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,9 @@ class TritonPythonModel:
         self.stages = BlsStages(pb_utils)
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
-        self.sessions = SessionStore(int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
-        # One stub-to-server message at a time (responses, cancellation checks): concurrent ones from several
-        # threads crashed the Python backend of this Triton version (shared-memory lock corruption).
-        self.send_lock = threading.RLock()
-        self.pool = ThreadPoolExecutor(int(params.get("max_concurrent_requests", 64)), thread_name_prefix="pipeline")
+        self.sessions = SessionStore(Path(os.environ["STEPAUDIO2_RUNTIME"]) / "sessions",
+                                     int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
+        self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
 
     def _locked(self, fn):
         with self.send_lock:
@@ -91,11 +90,8 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(self._handle, request, request.get_response_sender(), time.perf_counter())
+            self._handle(request, request.get_response_sender(), time.perf_counter())
         return None
-
-    def finalize(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _voice_bytes(array: np.ndarray | None) -> bytes | None:
