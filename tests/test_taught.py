@@ -30,7 +30,7 @@ from stepaudio2.pipeline import GenerationResult, ReferencePipeline
 from stepaudio2.request import request_from_json
 from stepaudio2.text import TASKS
 
-from .conftest import free_port
+from .conftest import SERVE_EXTRA, free_port, require_module
 
 LESSONS = lessons()
 FIELDS = ("text", "tts_text", "audio_codes", "tool_calls")
@@ -235,7 +235,7 @@ def test_onnx_engine_gives_the_same_replies(reference: ReferencePipeline, runtim
         b = pipe.backend
         chunks = b.encode_audio(prompt.mels, prompt.mel_lengths)
         logits[name], _ = b.prefill(splice_audio(b.embed(prompt.ids), chunks, prompt.audio_spans))
-    assert np.abs(logits["onnx"] - logits["torch"]).max() <= 1e-3
+    assert np.abs(logits["onnx"] - logits["torch"]).max() <= 1e-4  # the README's bound for graphs vs torch
 
 
 # ---- reproducibility and the cache -----------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_cli_taught_copies_the_cached_build(taught_checkpoint: Path, tmp_path: P
 
 @pytest.fixture(scope="module")
 def served(runtime):
-    pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
+    require_module("pytriton", SERVE_EXTRA)
     from stepaudio2.serving.launcher import TritonProcess
 
     cfg, _ = runtime

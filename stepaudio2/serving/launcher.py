@@ -84,7 +84,10 @@ def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
     export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
     for model, values in cfg.model_parameters.items():
-        _set_parameters(stages / model / "config.pbtxt", values)
+        configs = [r / model / "config.pbtxt" for r in (stages, pipelines) if (r / model / "config.pbtxt").is_file()]
+        if not configs:
+            raise ServerError(f"no model '{model}' to set parameters on")
+        _set_parameters(configs[0], values)
     if not (stages / "token2wav" / "1" / "flow.yaml").is_file():
         # A checkpoint without token2wav/ serves text only: the speech stages would fail to load.
         for name in SPEECH_STAGES:
