@@ -80,8 +80,8 @@ def test_streamed_speech_equals_reference(client, server, reference, speech, tas
     extra = {"target_language": "en"} if task == "s2st" else {}
     want, want_pcm = _reference(reference, speech, True, task=task, **extra)
     assert want.audio_codes, "the reference reply has no speech to compare"
-    sent = time.perf_counter()
     before = _metrics(server)
+    sent = time.perf_counter()
     events, first_audio_at = [], None
     for event in client.stream({"task": task, "sampling": SAMPLING, **extra}, HELLO.read_bytes()):
         if event["type"] == "audio" and first_audio_at is None:
