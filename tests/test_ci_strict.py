@@ -70,3 +70,12 @@ def test_under_ci_only_hardware_skips_pass(tmp_path: Path) -> None:
     assert "skipped: 1" in out and "1 x hardware: needs a CUDA GPU" in out, out
     off = _pytest(args, ci=False)
     assert off.returncode == 0 and "4 skipped" in off.stdout and "skipped: 4" in off.stdout, off.stdout
+    # A module-level importorskip skips the whole module at collection: under CI that is a collection error.
+    module = tmp_path / "test_module_level.py"
+    module.write_text("import pytest\n\npytest.importorskip('no_such_module_at_import')\n\n"
+                      "def test_never_runs():\n    pass\n")
+    proc = _pytest(["-p", "tests.conftest", str(module)], ci=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "1 error" in out and "no_such_module_at_import" in out, out
+    off = _pytest(["-p", "tests.conftest", str(module)], ci=False)
+    assert off.returncode == 5 and "1 skipped" in off.stdout, off.stdout  # 5: no test ran
