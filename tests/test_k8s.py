@@ -19,13 +19,14 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "k8s" / "chart"
-RULES = ROOT / "k8s" / "prometheus" / "rules.yaml"
+# The chart ships these two files, and they are the only copies (promtool tests read the same file).
+RULES = CHART / "files" / "prometheus-rules.yaml"
 RULES_TEST = ROOT / "k8s" / "prometheus" / "rules_test.yaml"
 BIN = Path(sys.executable).parent
 VALUES_FILES = ["values.yaml", "values-cpu.yaml", "values-gpu.yaml", "values-split.yaml"]
 K8S_VERSION = "1.32.0"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
-DASHBOARD = ROOT / "k8s" / "grafana" / "stepaudio2-dashboard.json"
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
 
 # Triton's own series (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/metrics.html)
 TRITON_METRICS = {
@@ -230,6 +231,14 @@ def test_promtool_check_rules():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_promtool_tests_read_the_rules_the_chart_ships():
+    rule_files = yaml.safe_load(RULES_TEST.read_text(encoding="utf-8"))["rule_files"]
+    assert [(RULES_TEST.parent / f).resolve() for f in rule_files] == [RULES.resolve()]
+    assert not [p for p in (ROOT / "k8s").rglob("*rules*.y*ml")
+                if p.resolve() not in (RULES.resolve(), RULES_TEST.resolve()) and "kustomize" not in p.parts]
+    assert not [p for p in (ROOT / "k8s").rglob("*.json") if p.resolve() != DASHBOARD.resolve()]
+
+
 def test_promtool_test_rules():
     proc = subprocess.run([_promtool(), "test", "rules", str(RULES_TEST)], capture_output=True, text=True,
                           timeout=60)
@@ -239,7 +248,7 @@ def test_promtool_test_rules():
 def test_promtool_test_rules_fails_on_a_wrong_expectation(tmp_path):
     exe = _promtool()
     shutil.copy(RULES, tmp_path / "rules.yaml")
-    text = RULES_TEST.read_text(encoding="utf-8")
+    text = RULES_TEST.read_text(encoding="utf-8").replace("../chart/files/prometheus-rules.yaml", "rules.yaml")
     assert "value: 4.875" in text
     (tmp_path / "rules_test.yaml").write_text(text.replace("value: 4.875", "value: 4.5", 1), encoding="utf-8")
     proc = subprocess.run([exe, "test", "rules", str(tmp_path / "rules_test.yaml")], capture_output=True,
@@ -384,12 +393,28 @@ def _render_manifests():
     return module
 
 
-def test_derived_files_are_up_to_date():
+def test_kustomize_tree_is_up_to_date():
     rm = _render_manifests()
-    stale = rm.stale_files(rm.expected_files())
+    expected = rm.expected_files()
+    assert expected and all(p.is_relative_to(rm.KUSTOMIZE) for p in expected)  # the only derived files
+    stale = rm.stale_files(expected)
     assert not stale, f"run `python k8s/render_manifests.py`; stale: {[str(p.relative_to(ROOT)) for p in stale]}"
-    for copied, source in rm.COPIES.items():
-        assert copied.read_bytes() == source.read_bytes(), copied
+
+
+def test_stale_check_notices_an_edited_or_extra_file(tmp_path, monkeypatch):
+    rm = _render_manifests()
+    expected = rm.expected_files()
+    tree = tmp_path / "kustomize"
+    for path, text in expected.items():
+        (tree / path.relative_to(rm.KUSTOMIZE)).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path.relative_to(rm.KUSTOMIZE)).write_text(text, encoding="utf-8")
+    moved = {tree / p.relative_to(rm.KUSTOMIZE): t for p, t in expected.items()}
+    monkeypatch.setattr(rm, "KUSTOMIZE", tree)
+    assert rm.stale_files(moved) == []
+    edited = tree / "base" / "kustomization.yaml"
+    edited.write_text(edited.read_text(encoding="utf-8") + "# hand edit\n", encoding="utf-8")
+    (tree / "base" / "extra.yaml").write_text("kind: ConfigMap\n", encoding="utf-8")
+    assert rm.stale_files(moved) == sorted([edited, tree / "base" / "extra.yaml"])
 
 
 def _unescape(part: str) -> str:

@@ -174,15 +174,3 @@ def test_offline_jobs_are_batched_and_equal_alone(t2w, prompt) -> None:
         np.testing.assert_allclose(outs[i], t2w.offline(c, prompt, seed=i), atol=AUDIO_TOL)
     assert any(r.kind == "offline" and r.estimator_batch == 3 for r in rounds), rounds
 
-
-def test_launcher_sets_model_parameters_in_the_runtime_config(tmp_path) -> None:
-    from stepaudio2.serving.launcher import ServerError, _set_parameters
-
-    from .conftest import REPO
-
-    config = tmp_path / "config.pbtxt"
-    config.write_text((REPO / "model_repository" / "token2wav" / "config.pbtxt").read_text())
-    _set_parameters(config, {"batching": "false"})
-    assert '{ key: "batching" value: { string_value: "false" } }' in config.read_text()
-    with pytest.raises(ServerError, match="no parameter 'nope'"):
-        _set_parameters(config, {"nope": "1"})
