@@ -172,38 +172,42 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The checkpoint's exported model repository, copied into each server's runtime (the launcher's hash
-    check then skips the export)."""
+def exported(taught_checkpoint: Path) -> Path:
+    """The taught checkpoint's exported model repository, kept beside the cached checkpoint (as in
+    test_taught.py) and copied into each server's runtime, so the launcher's hash check skips the export."""
     pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
     from stepaudio2.export.repository import export_checkpoint
+    from stepaudio2.export.taught import _FileLock
 
-    folder = tmp_path_factory.mktemp("exported")
-    export_checkpoint(tiny_checkpoint_full, folder)
+    folder = taught_checkpoint.parent / f"{taught_checkpoint.name}-onnx"
+    with _FileLock(taught_checkpoint.parent / f"{folder.name}.lock"):  # concurrent sessions export once
+        export_checkpoint(taught_checkpoint, folder)  # no-op when up to date
     return folder
 
 
-def test_a_bad_value_stops_the_server_with_the_key_named(exported: Path, tiny_checkpoint_full: Path, tmp_path) -> None:
+def test_a_bad_value_stops_the_server_with_the_key_named(exported: Path, taught_checkpoint: Path, tmp_path) -> None:
     from stepaudio2.serving.launcher import ServerConfig, ServerError, TritonProcess
 
     shutil.copytree(exported, tmp_path / "model_repository")
-    cfg = ServerConfig(checkpoint=tiny_checkpoint_full, runtime=tmp_path, grpc_port=free_port(),
+    cfg = ServerConfig(checkpoint=taught_checkpoint, runtime=tmp_path, grpc_port=free_port(),
                        http_port=free_port(), metrics_port=free_port(),
                        model_parameters={"voice_prompt": {"max_voices": "lots"}})
     proc = TritonProcess(cfg)
     with pytest.raises(ServerError) as err:
         proc.start(timeout_s=300)
     proc.stop()
-    assert "voice_prompt.max_voices: 'lots' is not an integer" in str(err.value)
+    # The launcher puts the load failure first, with the model and key named.
+    assert str(err.value).splitlines()[1] == ("failed to load 'voice_prompt' version 1: Internal: ParameterError: "
+                                             "voice_prompt.max_voices: 'lots' is not an integer")
 
 
 @pytest.fixture(scope="module")
-def set_server(exported: Path, tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
+def set_server(exported: Path, taught_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     sessions = tmp_path_factory.mktemp("held-sessions")
     settings = {**SETTINGS, "pipeline": {**SETTINGS["pipeline"], "sessions_dir": str(sessions)}}
-    cfg = ServerConfig(checkpoint=tiny_checkpoint_full, runtime=tmp_path_factory.mktemp("set-serve"),
+    cfg = ServerConfig(checkpoint=taught_checkpoint, runtime=tmp_path_factory.mktemp("set-serve"),
                        grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                        model_parameters=settings)
     shutil.copytree(exported, cfg.runtime / "model_repository")

@@ -190,7 +190,7 @@ class TritonProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with {self.proc.returncode}; log: {self.log_path}\n"
-                                  + self.log_tail())
+                                  + "".join(f"{e}\n" for e in self.load_errors()) + self.log_tail())
             try:
                 with urllib.request.urlopen(self.ready_url, timeout=2) as resp:
                     if resp.status == 200:
@@ -200,6 +200,18 @@ class TritonProcess:
             time.sleep(0.5)  # start-up only: readiness has no push notification
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log: {self.log_path}\n" + self.log_tail())
+
+    def load_errors(self) -> list[str]:
+        """Why models failed to load (e.g. a bad parameter value: `token2wav.max_streams: 'x' is not an integer`)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        found = []
+        for line in lines:
+            if "failed to load '" in line and "' version " in line:
+                found.append(line[line.index("failed to load '"):].split("\\n", 1)[0].rstrip('"'))
+        return found
 
     def log_tail(self, n: int = 40) -> str:
         try:
