@@ -171,24 +171,11 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def exported(taught_checkpoint: Path) -> Path:
-    """The taught checkpoint's exported model repository, kept beside the cached checkpoint (as in
-    test_taught.py) and copied into each server's runtime, so the launcher's hash check skips the export."""
+def test_a_bad_value_stops_the_server_with_the_key_named(taught_export: Path, taught_checkpoint: Path, tmp_path) -> None:
     pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
-    from stepaudio2.export.repository import export_checkpoint
-    from stepaudio2.export.taught import _FileLock
-
-    folder = taught_checkpoint.parent / f"{taught_checkpoint.name}-onnx"
-    with _FileLock(taught_checkpoint.parent / f"{folder.name}.lock"):  # concurrent sessions export once
-        export_checkpoint(taught_checkpoint, folder)  # no-op when up to date
-    return folder
-
-
-def test_a_bad_value_stops_the_server_with_the_key_named(exported: Path, taught_checkpoint: Path, tmp_path) -> None:
     from stepaudio2.serving.launcher import ServerConfig, ServerError, TritonProcess
 
-    shutil.copytree(exported, tmp_path / "model_repository")
+    shutil.copytree(taught_export, tmp_path / "model_repository")
     cfg = ServerConfig(checkpoint=taught_checkpoint, runtime=tmp_path, grpc_port=free_port(),
                        http_port=free_port(), metrics_port=free_port(),
                        model_parameters={"voice_prompt": {"max_voices": "lots"}})
@@ -202,7 +189,8 @@ def test_a_bad_value_stops_the_server_with_the_key_named(exported: Path, taught_
 
 
 @pytest.fixture(scope="module")
-def set_server(exported: Path, taught_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+def set_server(taught_export: Path, taught_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     sessions = tmp_path_factory.mktemp("held-sessions")
@@ -210,7 +198,7 @@ def set_server(exported: Path, taught_checkpoint: Path, tmp_path_factory: pytest
     cfg = ServerConfig(checkpoint=taught_checkpoint, runtime=tmp_path_factory.mktemp("set-serve"),
                        grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                        model_parameters=settings)
-    shutil.copytree(exported, cfg.runtime / "model_repository")
+    shutil.copytree(taught_export, cfg.runtime / "model_repository")
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)
     yield cfg, sessions
