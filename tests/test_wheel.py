@@ -118,7 +118,10 @@ def _stubs(runtime: Path) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if proc.name.isdigit() and cmd and cmd[0].endswith(b"triton_python_backend_stub") and str(runtime).encode() in cmd[1]:
+        if not (proc.name.isdigit() and len(cmd) > 1 and cmd[0].endswith(b"triton_python_backend_stub")):
+            continue
+        model = Path(cmd[1].decode(errors="replace"))  # relative to the server's folder when --runtime is
+        if (Path(os.readlink(proc / "cwd")) / model).resolve().is_relative_to(runtime):
             pids.append(int(proc.name))
     return pids
 
@@ -148,7 +151,7 @@ def test_the_wheel_serves_asr_equal_to_the_reference(fresh: dict, taught_checkpo
     try:
         deadline = time.monotonic() + 900
         while "ready:" not in (work / "serve.log").read_text():
-            assert serve.poll() is None and time.monotonic() < deadline, (work / "serve.log").read_text()
+            assert serve.poll() is None and time.monotonic() < deadline, _logs(work)
             time.sleep(1)  # start-up only: `serve` prints one line when Triton is ready
         clip = fresh["site"] / "stepaudio2" / "assets" / "hello_en.wav"  # the wheel's copy of the clip
         out = _run([str(bin_ / "stepaudio2-client"), "--url", f"127.0.0.1:{ports['grpc']}", "--task", "asr",
@@ -182,3 +185,9 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _logs(work: Path) -> str:
+    server = work / "runtime" / "tritonserver.log"
+    tail = server.read_text(errors="replace").splitlines()[-30:] if server.is_file() else []
+    return (work / "serve.log").read_text(errors="replace")[-4000:] + "\n".join(tail)
