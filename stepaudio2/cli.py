@@ -153,8 +153,15 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stepaudio2.serving.launcher import ServerConfig, serve_forever
+    from stepaudio2.serving.launcher import ServerConfig, check_config, serve_forever
+    from stepaudio2.serving.model_config import parse_setting
 
+    settings: dict[str, dict[str, str]] = {}
+    for text in args.settings:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
+    probe = ServerConfig(checkpoint=Path(), runtime=Path(args.runtime), model_parameters=settings)
+    check_config(probe)  # unknown models/keys fail here, before the checkpoint is built or anything starts
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is None:  # embedded default: the taught tiny checkpoint (built once, cached by its inputs)
         from stepaudio2.export.taught import ensure_taught_checkpoint
@@ -164,7 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
-        extra_args=list(args.triton_args),
+        extra_args=list(args.triton_args), model_parameters=settings,
     )
     return serve_forever(cfg)
 
@@ -229,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
     p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="set a config.pbtxt parameter of a model, repeatable (e.g. --set token2wav.batching=false);"
+                        " see README 'Model parameters'")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

@@ -173,3 +173,16 @@ def taught_checkpoint() -> Path:
     from stepaudio2.export.taught import ensure_taught_checkpoint
 
     return ensure_taught_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def taught_export(taught_checkpoint: Path) -> Path:
+    """The taught checkpoint's exported model repository, cached beside it (exporting takes minutes): copy it
+    into a server's runtime `model_repository/` and the launcher's hash check skips the export."""
+    from stepaudio2.export.repository import export_checkpoint
+    from stepaudio2.export.taught import _FileLock
+
+    folder = taught_checkpoint.parent / f"{taught_checkpoint.name}-onnx"
+    with _FileLock(taught_checkpoint.parent / f"{folder.name}.lock"):  # concurrent sessions export once
+        export_checkpoint(taught_checkpoint, folder)  # no-op when up to date
+    return folder

@@ -21,13 +21,14 @@ from .conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "k8s" / "chart"
-RULES = ROOT / "k8s" / "prometheus" / "rules.yaml"
+# The chart ships these two files, and they are the only copies (promtool tests read the same file).
+RULES = CHART / "files" / "prometheus-rules.yaml"
 RULES_TEST = ROOT / "k8s" / "prometheus" / "rules_test.yaml"
 BIN = Path(sys.executable).parent
 VALUES_FILES = ["values.yaml", "values-cpu.yaml", "values-gpu.yaml", "values-split.yaml"]
 K8S_VERSION = "1.32.0"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
-DASHBOARD = ROOT / "k8s" / "grafana" / "stepaudio2-dashboard.json"
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
 
 # Triton's own series (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/metrics.html)
 TRITON_METRICS = {
@@ -189,6 +190,39 @@ def test_headless_service_option():
     assert svc and all(d["spec"]["clusterIP"] == "None" for d in svc)
 
 
+def _serve_settings(docs: list[dict]) -> list[str]:
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (triton,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "triton"]
+    return [a for a in triton["args"] if a.startswith("--set")]
+
+
+def test_model_parameters_reach_serve_as_set_flags():
+    from stepaudio2.cli import build_parser
+    from stepaudio2.serving.launcher import ServerConfig, check_config
+    from stepaudio2.serving.model_config import parse_setting
+
+    params = {"token2wav": {"batching": False, "max_batch_streams": 32}, "pipeline": {"sessions_dir": "/a b/s"}}
+    flags = _serve_settings(render({"serve": {"modelParameters": params}}))
+    assert sorted(flags) == sorted(["--set=token2wav.batching=false", "--set=token2wav.max_batch_streams=32",
+                                    "--set=pipeline.sessions_dir=/a b/s"])
+    args = build_parser().parse_args(["serve", *flags])  # the image's entrypoint parses them like this
+    settings: dict[str, dict[str, str]] = {}
+    for text in args.settings:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
+    check_config(ServerConfig(checkpoint=Path(), runtime=Path(), model_parameters=settings))
+    assert not _serve_settings(render({}))
+
+
+@pytest.mark.parametrize("vf", VALUES_FILES)
+def test_values_files_set_only_parameters_the_models_declare(vf):
+    from stepaudio2.serving.launcher import ServerConfig, check_config
+
+    params = (load_values(vf).get("serve") or {}).get("modelParameters") or {}
+    check_config(ServerConfig(checkpoint=Path(), runtime=Path(),
+                              model_parameters={m: {k: str(v) for k, v in kv.items()} for m, kv in params.items()}))
+
+
 def test_hpa_uses_an_adapter_metric_and_adapter_rules_use_recorded_series():
     values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     docs = render(load_values("values-gpu.yaml"))
@@ -229,6 +263,23 @@ def test_promtool_check_rules():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_promtool_tests_read_the_rules_the_chart_ships():
+    rule_files = yaml.safe_load(RULES_TEST.read_text(encoding="utf-8"))["rule_files"]
+    assert [(RULES_TEST.parent / f).resolve() for f in rule_files] == [RULES.resolve()]
+    # One copy of each: no other source file under k8s/ (the generated kustomize tree aside) holds a rule group
+    # or the dashboard.
+    groups = [g["name"] for g in yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]]
+    uid = json.loads(DASHBOARD.read_text(encoding="utf-8"))["uid"]
+    needles = [f"name: {g}" for g in groups] + [f'"uid": "{uid}"']
+    holders = set()
+    for path in (ROOT / "k8s").rglob("*"):
+        if path.is_file() and "kustomize" not in path.relative_to(ROOT).parts:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if any(n in text for n in needles):
+                holders.add(path.relative_to(ROOT).as_posix())
+    assert holders == {RULES.relative_to(ROOT).as_posix(), DASHBOARD.relative_to(ROOT).as_posix()}
+
+
 def test_promtool_test_rules():
     proc = subprocess.run([_promtool(), "test", "rules", str(RULES_TEST)], capture_output=True, text=True,
                           timeout=60)
@@ -238,7 +289,7 @@ def test_promtool_test_rules():
 def test_promtool_test_rules_fails_on_a_wrong_expectation(tmp_path):
     exe = _promtool()
     shutil.copy(RULES, tmp_path / "rules.yaml")
-    text = RULES_TEST.read_text(encoding="utf-8")
+    text = RULES_TEST.read_text(encoding="utf-8").replace("../chart/files/prometheus-rules.yaml", "rules.yaml")
     assert "value: 4.875" in text
     (tmp_path / "rules_test.yaml").write_text(text.replace("value: 4.875", "value: 4.5", 1), encoding="utf-8")
     proc = subprocess.run([exe, "test", "rules", str(tmp_path / "rules_test.yaml")], capture_output=True,
@@ -383,12 +434,28 @@ def _render_manifests():
     return module
 
 
-def test_derived_files_are_up_to_date():
+def test_kustomize_tree_is_up_to_date():
     rm = _render_manifests()
-    stale = rm.stale_files(rm.expected_files())
+    expected = rm.expected_files()
+    assert expected and all(p.is_relative_to(rm.KUSTOMIZE) for p in expected)  # the only derived files
+    stale = rm.stale_files(expected)
     assert not stale, f"run `python k8s/render_manifests.py`; stale: {[str(p.relative_to(ROOT)) for p in stale]}"
-    for copied, source in rm.COPIES.items():
-        assert copied.read_bytes() == source.read_bytes(), copied
+
+
+def test_stale_check_notices_an_edited_or_extra_file(tmp_path, monkeypatch):
+    rm = _render_manifests()
+    expected = rm.expected_files()
+    tree = tmp_path / "kustomize"
+    for path, text in expected.items():
+        (tree / path.relative_to(rm.KUSTOMIZE)).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path.relative_to(rm.KUSTOMIZE)).write_text(text, encoding="utf-8")
+    moved = {tree / p.relative_to(rm.KUSTOMIZE): t for p, t in expected.items()}
+    monkeypatch.setattr(rm, "KUSTOMIZE", tree)
+    assert rm.stale_files(moved) == []
+    edited = tree / "base" / "kustomization.yaml"
+    edited.write_text(edited.read_text(encoding="utf-8") + "# hand edit\n", encoding="utf-8")
+    (tree / "base" / "extra.yaml").write_text("kind: ConfigMap\n", encoding="utf-8")
+    assert rm.stale_files(moved) == sorted([edited, tree / "base" / "extra.yaml"])
 
 
 def _unescape(part: str) -> str:

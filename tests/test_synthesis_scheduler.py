@@ -178,19 +178,6 @@ def test_offline_jobs_are_batched_and_equal_alone(t2w, prompt) -> None:
     assert [(r.kind, r.estimator_batch) for r in rounds] == [("offline", 3)], rounds
 
 
-def test_launcher_sets_model_parameters_in_the_runtime_config(tmp_path) -> None:
-    from stepaudio2.serving.launcher import ServerError, _set_parameters
-
-    from .conftest import REPO
-
-    config = tmp_path / "config.pbtxt"
-    config.write_text((REPO / "model_repository" / "token2wav" / "config.pbtxt").read_text())
-    _set_parameters(config, {"batching": "false"})
-    assert '{ key: "batching" value: { string_value: "false" } }' in config.read_text()
-    with pytest.raises(ServerError, match="no parameter 'nope'"):
-        _set_parameters(config, {"nope": "1"})
-
-
 class _FailingRounds:
     """The real Token2Wav whose batched streaming step fails (a fault the scheduler must survive)."""
 

@@ -4,13 +4,12 @@ replies are synthesised offline (whole reply, batched with other requests in tok
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
@@ -24,8 +23,8 @@ from stepaudio2.text import StepAudio2Tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
-        self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
+        params = ModelParameters.from_args(args)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         self.stages = BlsStages(pb_utils)
 
     def execute(self, requests: list) -> list:

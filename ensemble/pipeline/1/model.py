@@ -7,16 +7,15 @@ concurrency comes from `instance_group` count (Triton routes each new request to
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages, Cancelled
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.sessions import SessionStore
 from stepaudio2.serving.speech_route import SpeechRoute
@@ -34,15 +33,13 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
-        self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
+        params = ModelParameters.from_args(args)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         self.stages = BlsStages(pb_utils)
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
-        self.sessions = SessionStore(Path(os.environ["STEPAUDIO2_RUNTIME"]) / "sessions",
-                                     int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
+        self.sessions = SessionStore(params.path("sessions_dir"), params.integer("max_sessions", minimum=1),
+                                     params.number("session_ttl_s", minimum=0))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
 
     def _locked(self, fn):

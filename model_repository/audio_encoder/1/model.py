@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.audio import pad_mels
 from stepaudio2.engines.runners import make_runner
 from stepaudio2.errors import InvalidInputError
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.triton_utils import required_input, triton_error
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.runner = make_runner(version_dir / "audio_encoder.onnx", os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu"))
+        params = ModelParameters.from_args(args)
+        engine = params.choice("engine", ("onnx-cpu", "onnx-cuda", "tensorrt"))
+        self.runner = make_runner(params.path("model_dir") / "audio_encoder.onnx", engine)
 
     def execute(self, requests: list) -> list:
         parsed, responses = [], [None] * len(requests)

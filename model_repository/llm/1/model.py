@@ -3,7 +3,6 @@ background thread and streams one response per token through the request's respo
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from stepaudio2.engines.scheduler import ContinuousBatcher, QueueFullError, Sequ
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.request import stop_ids
 from stepaudio2.serving.metrics import LLMMetrics
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
@@ -32,12 +32,9 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        import json
-
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = ModelParameters.from_args(args)
         repo = Path(args["model_repository"]).parent
-        self.backend = OnnxBackend(repo, os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu"))
+        self.backend = OnnxBackend(repo, params.choice("engine", ("onnx-cpu", "onnx-cuda", "tensorrt")))
         self.tokenizer = StepAudio2Tokenizer.from_dir(repo / "llm" / "1")
         from stepaudio2.config import load_config
 
@@ -48,8 +45,8 @@ class TritonPythonModel:
             self.backend.decoder,
             self.backend.embed,
             (t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.max_position_embeddings),
-            max_slots=int(params.get("max_slots", 8)),
-            max_queue=int(params.get("max_queue", 32)),
+            max_slots=params.integer("max_slots", minimum=1),
+            max_queue=params.integer("max_queue", minimum=0),
             on_step=self._on_step,
         )
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
