@@ -83,6 +83,8 @@ def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     _copy_tree(MODEL_REPOSITORY, stages)
     _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
     export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
+    # vLLM spawns its engine-core process; inside the stub sys.executable is not Python, so llm is told ours.
+    _set_parameters(stages / "llm" / "config.pbtxt", {"python_executable": sys.executable})
     for model, values in cfg.model_parameters.items():
         _set_parameters(stages / model / "config.pbtxt", values)
     if not (stages / "token2wav" / "1" / "flow.yaml").is_file():
