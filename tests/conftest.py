@@ -52,7 +52,7 @@ def free_port() -> int:
 
 # The session server's vLLM engine: a small KV space (fast start, little memory) and a small capacity, so the
 # UNAVAILABLE test can fill it (8 running + 4 waiting; no other test sends more than 8 at once).
-SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "0.25", "max_num_seqs": "8", "max_queue": "4"}
+SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_queue": "4"}
 
 
 @pytest.fixture(scope="session")

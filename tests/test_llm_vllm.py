@@ -21,8 +21,8 @@ from .conftest import SERVER_LLM_PARAMETERS
 
 def test_engine_settings_from_parameters() -> None:
     s = EngineSettings.from_parameters({"max_num_seqs": "4", "enforce_eager": "false", "dtype": "bfloat16",
-                                        "kv_cache_space_gib": "0.5", "python_executable": ""})
-    assert (s.max_num_seqs, s.enforce_eager, s.dtype, s.kv_cache_space_gib) == (4, False, "bfloat16", 0.5)
+                                        "kv_cache_space_gib": "2", "python_executable": ""})
+    assert (s.max_num_seqs, s.enforce_eager, s.dtype, s.kv_cache_space_gib) == (4, False, "bfloat16", 2)
     with pytest.raises(InvalidInputError, match="max_num_seqs"):
         EngineSettings.from_parameters({"max_num_seqs": "many"})
     with pytest.raises(InvalidInputError, match="enforce_eager"):
@@ -89,8 +89,11 @@ def test_same_seed_same_tokens_and_top_k_one_is_greedy(client) -> None:
     assert top1["token_ids"] == greedy
 
 
-def _llm_stream(url: str, sequence_id: str, max_new_tokens: int, events: list, done: threading.Event):
-    """One raw stream to the llm model (text prompt ids only), collecting (result, error) callbacks."""
+def _llm_stream(url: str, sequence_id: str, max_new_tokens: int, events: list, done: threading.Event, seed: int = 0):
+    """One raw stream to the llm model (text prompt ids only), collecting (result, error) callbacks.
+
+    Sampled at temperature 1: the random model then rarely picks a stop id, so the stream stays busy (greedy
+    decoding of a fixed prompt may stop at once)."""
     g = grpcclient.InferenceServerClient(url)
 
     def callback(result, error):
@@ -101,7 +104,8 @@ def _llm_stream(url: str, sequence_id: str, max_new_tokens: int, events: list, d
 
     inputs = []
     for name, value, dtype in [("input_ids", np.array([5, 6, 7, 8, 9], np.int64), "INT64"),
-                               ("sampling", np.array([json.dumps({"max_new_tokens": max_new_tokens}).encode()],
+                               ("sampling", np.array([json.dumps({"max_new_tokens": max_new_tokens, "temperature": 1.0,
+                                                                "seed": seed}).encode()],
                                                      np.object_), "BYTES"),
                                ("sequence_id", np.array([sequence_id.encode()], np.object_), "BYTES")]:
         t = grpcclient.InferInput(name, list(value.shape), dtype)
@@ -116,9 +120,9 @@ def test_full_engine_answers_unavailable_and_keeps_serving(server, client) -> No
     url = f"127.0.0.1:{server.grpc_port}"
     capacity = int(SERVER_LLM_PARAMETERS["max_num_seqs"]) + int(SERVER_LLM_PARAMETERS["max_queue"])
     streams = []
-    for _ in range(capacity):
+    for i in range(capacity):
         events, done = [], threading.Event()
-        streams.append((_llm_stream(url, uuid.uuid4().hex, 4000, events, done), events, done))
+        streams.append((_llm_stream(url, uuid.uuid4().hex, 4000, events, done, seed=i), events, done))
     # Wait until every stream produced a token (all admitted) before knocking once more.
     deadline = time.time() + 60
     while time.time() < deadline and not all(any(r is not None for r, _ in ev) for _, ev, _ in streams):
@@ -127,6 +131,7 @@ def test_full_engine_answers_unavailable_and_keeps_serving(server, client) -> No
     extra = _llm_stream(url, uuid.uuid4().hex, 4, events, done)
     assert done.wait(30)
     errors = [e for _, e in events if e is not None]
+    assert not any(d.is_set() for _, _, d in streams)  # all still generating when the extra one knocked
     assert errors and "UNAVAILABLE" in errors[0].message() and "capacity" in errors[0].message()
     extra.stop_stream()
     extra.close()

@@ -25,7 +25,7 @@ from stepaudio2.errors import InvalidInputError, QueueFullError
 class EngineSettings:
     """`llm/config.pbtxt` parameters (CPU defaults there; the chart's GPU values override them)."""
 
-    kv_cache_space_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: unused (gpu_memory_utilization)
+    kv_cache_space_gib: int = 1  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB); GPU: unused (gpu_memory_utilization)
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 16
     max_queue: int = 32  # requests waiting beyond max_num_seqs before UNAVAILABLE
