@@ -89,53 +89,47 @@ def test_same_seed_same_tokens_and_top_k_one_is_greedy(client) -> None:
     assert top1["token_ids"] == greedy
 
 
-def _llm_stream(url: str, sequence_id: str, max_new_tokens: int, events: list, done: threading.Event, seed: int = 0):
-    """One raw stream to the llm model (text prompt ids only), collecting (result, error) callbacks.
-
-    Sampled at temperature 1: the random model then rarely picks a stop id, so the stream stays busy (greedy
-    decoding of a fixed prompt may stop at once)."""
-    g = grpcclient.InferenceServerClient(url)
-
-    def callback(result, error):
-        events.append((result, error))
-        if error is not None or (result is not None and result.get_response().parameters.get(
-                "triton_final_response") and result.get_response().parameters["triton_final_response"].bool_param):
-            done.set()
-
+def _llm_inputs(max_new_tokens: int, seed: int) -> list:
+    """A raw llm request (text prompt ids only), sampled at temperature 1 so the random model rarely stops."""
     inputs = []
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "seed": seed}
     for name, value, dtype in [("input_ids", np.array([5, 6, 7, 8, 9], np.int64), "INT64"),
-                               ("sampling", np.array([json.dumps({"max_new_tokens": max_new_tokens, "temperature": 1.0,
-                                                                "seed": seed}).encode()],
-                                                     np.object_), "BYTES"),
-                               ("sequence_id", np.array([sequence_id.encode()], np.object_), "BYTES")]:
+                               ("sampling", np.array([json.dumps(sampling).encode()], np.object_), "BYTES"),
+                               ("sequence_id", np.array([uuid.uuid4().hex.encode()], np.object_), "BYTES")]:
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
-    g.start_stream(callback=callback)
-    g.async_stream_infer("llm", inputs, enable_empty_final_response=True)
-    return g
+    return inputs
 
 
 def test_full_engine_answers_unavailable_and_keeps_serving(server, client) -> None:
-    url = f"127.0.0.1:{server.grpc_port}"
     capacity = int(SERVER_LLM_PARAMETERS["max_num_seqs"]) + int(SERVER_LLM_PARAMETERS["max_queue"])
-    streams = []
-    for i in range(capacity):
-        events, done = [], threading.Event()
-        streams.append((_llm_stream(url, uuid.uuid4().hex, 4000, events, done, seed=i), events, done))
-    # Wait until every stream produced a token (all admitted) before knocking once more.
-    deadline = time.time() + 60
-    while time.time() < deadline and not all(any(r is not None for r, _ in ev) for _, ev, _ in streams):
-        time.sleep(0.1)
-    events, done = [], threading.Event()
-    extra = _llm_stream(url, uuid.uuid4().hex, 4, events, done)
-    assert done.wait(30)
-    errors = [e for _, e in events if e is not None]
-    assert not any(d.is_set() for _, _, d in streams)  # all still generating when the extra one knocked
-    assert errors and "UNAVAILABLE" in errors[0].message() and "capacity" in errors[0].message()
-    extra.stop_stream()
-    extra.close()
-    for g, _, _ in streams:
+    errors: list = []
+    tokens: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def callback(result, error):
+        with lock:
+            if error is not None:
+                errors.append(error)
+            else:
+                rid = result.get_response().id
+                tokens[rid] = tokens.get(rid, 0) + result.as_numpy("token_ids").size
+
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    g.start_stream(callback=callback)
+    try:
+        # capacity + 1 long requests back to back: all are admitted (or not) long before any could finish.
+        for i in range(capacity + 1):
+            g.async_stream_infer("llm", _llm_inputs(4000, seed=i), request_id=f"r{i}")
+        deadline = time.time() + 120
+        while time.time() < deadline and (not errors or len(tokens) < capacity):
+            time.sleep(0.1)
+        with lock:
+            assert len(errors) == 1, [e.message() for e in errors]
+            assert "UNAVAILABLE" in errors[0].message() and "capacity" in errors[0].message()
+            assert len(tokens) == capacity and f"r{capacity}" not in tokens  # the others generate
+    finally:
         g.stop_stream(cancel_requests=True)  # the client leaves: the model aborts the vLLM requests
         g.close()
     _wait_metric(server, 'vllm:num_requests_running{model="llm"}', lambda v: v == 0)
