@@ -154,13 +154,14 @@ def main() -> None:
     ap.add_argument("--baseline-python", help="python of a venv with git main's code (the hand-made batcher)")
     ap.add_argument("--baseline-source", help="checkout of git main (its stepaudio2 + bench/)")
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--runtime", help="serving runtime folder to reuse (its export is kept when up to date)")
     args = ap.parse_args()
 
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     ckpt = checkpoint(args.preset)
     reqs = _requests(max(args.levels), args.tokens)
-    runtime = Path(tempfile.mkdtemp(prefix="stepaudio2-bench-"))
+    runtime = Path(args.runtime) if args.runtime else Path(tempfile.mkdtemp(prefix="stepaudio2-bench-"))
     cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=_port(), http_port=_port(), metrics_port=_port())
     server = TritonProcess(cfg)
     server.start()
