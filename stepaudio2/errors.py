@@ -24,3 +24,7 @@ class CapacityError(StepAudio2Error):
 
 class CheckpointError(StepAudio2Error):
     """A checkpoint on disk does not match what the code expects (missing, unexpected or misshaped tensor...)."""
+
+
+class QueueFullError(StepAudio2Error):
+    """The server is at capacity (every sequence slot and the waiting room in use); maps to gRPC UNAVAILABLE."""

@@ -150,6 +150,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The session server's vLLM engine: a small KV space (fast start, little memory) and a small capacity, so the
+# UNAVAILABLE test can fill it (8 running + 4 waiting; no other test sends more than 8 at once).
+SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_queue": "4"}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real tritonserver (nvidia-pytriton binary, CPU, loopback) for every test that needs one."""
@@ -159,6 +164,7 @@ def server(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory)
     cfg = ServerConfig(
         checkpoint=tiny_checkpoint_full, runtime=tmp_path_factory.mktemp("serve"),
         grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+        model_parameters={"llm": dict(SERVER_LLM_PARAMETERS)},
     )
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)

@@ -48,12 +48,12 @@ PROMQL_WORDS = {
 
 
 def readme_metrics() -> set[str]:
-    """The stepaudio2_* names listed in README's Serving section, with histogram series suffixes."""
+    """The stepaudio2_* and vllm:* names listed in README's Serving section, with histogram series suffixes."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     para = text[text.index("Custom metrics on Triton's `/metrics`"):]
     para = para[: para.index("\n\n")]
     names: set[str] = set()
-    for name, rest in re.findall(r"`(stepaudio2_\w+)(?:\{\w+\})?`(\s+\(histogram\))?", para):
+    for name, rest in re.findall(r"`(stepaudio2_\w+|vllm:\w+)(?:\{\w+\})?`(\s+\(histogram\))?", para):
         names.add(name)
         if rest:
             names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
@@ -415,7 +415,7 @@ def test_dashboard_uses_recorded_series_and_exported_metrics():
     unknown = used - (recorded | readme_metrics() | TRITON_METRICS | PROMETHEUS_BUILTIN)
     assert not unknown, unknown
     wanted = {"stepaudio2:time_to_first_token_seconds:p95", "stepaudio2:generated_tokens:rate1m",
-              "stepaudio2_llm_active_sequences", "stepaudio2_llm_kv_slots_total", "stepaudio2_llm_queue_depth",
+              "vllm:num_requests_running", "stepaudio2_llm_kv_slots_total", "vllm:num_requests_waiting",
               "stepaudio2:llm_decode_batch_size:average", "stepaudio2:time_to_first_audio_seconds:p50",
               "stepaudio2:time_to_first_audio_seconds:p99", "stepaudio2:audio_chunk_gap_seconds:p95",
               "stepaudio2:audio_underruns:rate5m", "stepaudio2:audio_real_time_factor:ratio",

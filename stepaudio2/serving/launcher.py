@@ -91,6 +91,9 @@ def _settings(cfg: ServerConfig) -> dict[str, dict[str, str]]:
     for name in ENGINE_MODELS:
         if name in configs and "engine" in model_config.parameters(model_config.read_config(configs[name])):
             settings[name] = {"engine": cfg.engine}
+    if "llm" in configs and "python_executable" in model_config.parameters(model_config.read_config(configs["llm"])):
+        # vLLM spawns its engine-core process; inside the stub sys.executable is not Python, so llm is told ours.
+        settings.setdefault("llm", {})["python_executable"] = sys.executable
     for name, values in cfg.model_parameters.items():
         settings.setdefault(name, {}).update({k: str(v) for k, v in values.items()})
     return settings

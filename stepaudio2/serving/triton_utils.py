@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from stepaudio2.engines.scheduler import QueueFullError
-from stepaudio2.errors import CapacityError, InvalidInputError
+from stepaudio2.errors import CapacityError, InvalidInputError, QueueFullError
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
