@@ -10,7 +10,7 @@ BUILD := .build
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[torch,serve,dev]'
+	$(BIN)/pip install -q -e '.[torch,serve,gateway,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
