@@ -311,40 +311,49 @@ def test_triton_down_is_503_and_the_gateway_keeps_serving(tmp_path) -> None:
 
 
 def test_disconnect_mid_stream_frees_the_triton_stream(gateway, served) -> None:  # noqa: F811
-    """Read the SSE stream until the first audio delta, then hang up: the gateway cancels the gRPC stream and
-    the server's LLM slot and token2wav stream are released (their gauges back to 0, the LLM counts a cancel)."""
+    """Read the SSE stream until the first text delta of a long reply, then hang up: the gateway cancels the gRPC
+    stream, the LLM counts a cancelled request and its slot (and any token2wav stream) is released."""
     import http.client
 
+    from stepaudio2.pipeline import ReferencePipeline
+    from stepaudio2.request import request_from_json
+
+    question = "Tell me a long story about the sea."
+    sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 1, "max_new_tokens": 1000}
+    # The oracle says this seeded reply is long, so a hang-up after its first delta is mid-generation.
+    ref = ReferencePipeline(served.checkpoint).generate(request_from_json(
+        {"task": "chat", "text": question, "sampling": sampling}))
+    assert len(ref.token_ids) >= 300
     cancelled = 'stepaudio2_llm_requests_finished_total{model="llm",reason="cancelled"}'
     before = _triton_metric(served, cancelled)
-    body = _chat_body(messages=[_audio_msg(CURRICULUM.voice_chat_clip)], modalities=["text", "audio"],
-                      audio={"voice": "default", "format": "pcm16"}, stream=True,
-                      stepaudio2={"repetition_penalty": 1.0}, temperature=1.0, max_tokens=16000)
+    body = _chat_body(messages=[{"role": "user", "content": question}], stream=True, temperature=1.0, top_p=1.0,
+                      seed=1, max_tokens=1000, stepaudio2={"repetition_penalty": 1.0})
     host, port = gateway.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
-    while b'"data"' not in resp.readline():  # the first audio delta
-        pass
+    while True:  # up to the first non-empty text delta
+        line = resp.readline()
+        assert line, "the stream ended before any text"
+        if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            break
     conn.sock.close()  # hang up mid-stream
     conn.close()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        active = (_triton_metric(served, "stepaudio2_llm_active_sequences")
-                  + _triton_metric(served, "stepaudio2_token2wav_active_streams"))
-        if active == 0 and _triton_metric(served, cancelled) > before:
-            break
+    while time.monotonic() < deadline and not (
+            _triton_metric(served, cancelled) > before and _triton_metric(served, "stepaudio2_llm_active_sequences") == 0):
         time.sleep(0.2)
+    assert _triton_metric(served, cancelled) == before + 1
     assert _triton_metric(served, "stepaudio2_llm_active_sequences") == 0
     assert _triton_metric(served, "stepaudio2_token2wav_active_streams") == 0
-    assert _triton_metric(served, cancelled) > before
     text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
-    assert 'stepaudio2_gateway_cancelled_total{reason="disconnect"}' in text
+    assert 'stepaudio2_gateway_cancelled_total{reason="disconnect"} 1.0' in text
 
 
 def test_gateway_metrics_after_traffic(gateway, oai) -> None:
     _voice_chat(oai, "pcm16", stream=True).response.read()
+    assert _post(f"{gateway.url}/v1/chat/completions", _chat_body(top_p=7))[0] == 400
     text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
     for name in ('stepaudio2_gateway_requests_total{endpoint="/v1/chat/completions",status="200"}',
                  "stepaudio2_gateway_request_seconds_bucket", "stepaudio2_gateway_time_to_first_audio_seconds_count",

@@ -37,6 +37,7 @@ class Guard:
         headers = dict(scope.get("headers") or [])
         error = self._auth(path, headers) or self._declared_size(headers)
         if error is not None:
+            await self._drain(receive)
             await _respond(error, send_counted)
             return
         await self.app(scope, self._limited(receive), send_counted)
@@ -61,6 +62,18 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > self.cfg.max_body_bytes:
             return self._too_large()
         return None
+
+    async def _drain(self, receive) -> None:
+        """Read (and drop) what the client is still sending, up to a bound, so that it reads our error instead of
+        a broken pipe; past the bound the connection is closed after the response."""
+        budget = 4 * self.cfg.max_body_bytes
+        while budget > 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     def _limited(self, receive):
         """A receive that counts body bytes (chunked uploads have no Content-Length) and stops past the limit."""
