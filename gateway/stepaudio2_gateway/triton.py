@@ -46,7 +46,11 @@ class TritonPipeline:
     @property
     def client(self) -> grpcaio.InferenceServerClient:
         if self._client is None:  # made lazily: the aio client binds to the running event loop
-            self._client = grpcaio.InferenceServerClient(self.url)
+            # Round robin over every address the name resolves to: behind a headless Service (dns:///name:port)
+            # new streams spread over the Triton pods instead of pinning to the first one.
+            args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                    ("grpc.keepalive_time_ms", 30_000), ("grpc.lb_policy_name", "round_robin")]
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=args)
         return self._client
 
     async def close(self) -> None:
