@@ -359,3 +359,71 @@ def test_gateway_metrics_after_traffic(gateway, oai) -> None:
                  "stepaudio2_gateway_request_seconds_bucket", "stepaudio2_gateway_time_to_first_audio_seconds_count",
                  "stepaudio2_gateway_in_flight 0.0", 'stepaudio2_gateway_errors_total{status="400"}'):
         assert name in text, name
+
+
+def _long_text_body(**kw) -> bytes:
+    """A seeded text reply that the reference pipeline says is several hundred tokens long (see the disconnect
+    test), so that it is still running when the test acts."""
+    return _chat_body(messages=[{"role": "user", "content": "Tell me a long story about the sea."}], temperature=1.0,
+                      top_p=1.0, seed=1, max_tokens=1000, stepaudio2={"repetition_penalty": 1.0}, **kw)
+
+
+def test_timeout_is_504_and_cancels_the_triton_stream(served, tmp_path) -> None:  # noqa: F811
+    gw = _gateway(f"127.0.0.1:{served.grpc_port}", tmp_path, "--timeout", "0.5")
+    try:
+        cancelled = 'stepaudio2_llm_requests_finished_total{model="llm",reason="cancelled"}'
+        before = _triton_metric(served, cancelled)
+        status, got = _post(f"{gw.url}/v1/chat/completions", _long_text_body())
+        assert status == 504 and got["error"]["code"] == "timeout"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _triton_metric(served, cancelled) == before:
+            time.sleep(0.2)
+        assert _triton_metric(served, cancelled) == before + 1
+        assert _triton_metric(served, "stepaudio2_llm_active_sequences") == 0
+    finally:
+        gw.stop()
+
+
+def test_full_gateway_answers_429(served, tmp_path) -> None:  # noqa: F811
+    import http.client
+
+    gw = _gateway(f"127.0.0.1:{served.grpc_port}", tmp_path, "--max-in-flight", "1")
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/v1/chat/completions", _long_text_body(stream=True), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")  # the one slot is taken
+        status, got = _post(f"{gw.url}/v1/chat/completions", _chat_body())
+        assert status == 429 and got["error"]["code"] == "rate_limit_exceeded"
+        conn.close()
+    finally:
+        gw.stop()
+
+
+def test_registered_voice_is_usable_by_name(gateway, oai, served) -> None:  # noqa: F811
+    """POST /v1/audio/voices registers a reference wav under a name; a reply in that voice equals the pipeline's
+    own reply when the same wav is sent straight to Triton, and differs from the default voice."""
+    import httpx
+
+    from stepaudio2_client import StepAudio2Client
+
+    ref_wav = clip_path("default_voice").read_bytes()
+    resp = httpx.post(f"{gateway.url}/v1/audio/voices", data={"name": "narrator"},
+                      files={"file": ("v.wav", ref_wav, "audio/wav")}, timeout=120)
+    assert resp.status_code == 200 and resp.json()["id"] == "narrator" and resp.json()["voice_id"]
+    assert "narrator" in [v["id"] for v in httpx.get(f"{gateway.url}/v1/audio/voices").json()["data"]]
+    bad = httpx.post(f"{gateway.url}/v1/audio/voices", data={"name": "noise"},
+                     files={"file": ("v.wav", b"not a wav at all", "audio/wav")}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "file"
+    got = oai.chat.completions.create(model=MODEL, messages=[_audio_msg(CURRICULUM.voice_chat_clip)],
+                                      modalities=["text", "audio"], audio={"voice": "narrator", "format": "pcm16"})
+    pcm = base64.b64decode(got.choices[0].message.audio.data)
+    with StepAudio2Client(f"127.0.0.1:{served.grpc_port}") as direct:
+        want = direct.generate({"task": "voice-chat"}, clip_path(CURRICULUM.voice_chat_clip).read_bytes(),
+                               voice=ref_wav)["pcm"]
+    from stepaudio2_gateway.audio import pcm16
+
+    assert pcm == pcm16(want)
+    default = base64.b64decode(_voice_chat(oai, "pcm16").choices[0].message.audio.data)
+    assert len(default) == len(pcm) and default != pcm

@@ -153,3 +153,11 @@ def test_audio_longer_than_the_limit_is_refused() -> None:
     with pytest.raises(APIError) as err:
         pipeline_request(params, lambda _id: None, 0.5)
     assert err.value.code == "audio_too_long" and err.value.param == "messages[0].content[0].input_audio.data"
+
+
+def test_serve_starts_the_gateway_by_default() -> None:
+    from stepaudio2.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert args.gateway_port == 8080 and args.no_gateway is False
+    assert build_parser().parse_args(["serve", "--no-gateway", "--gateway-port", "9090"]).no_gateway is True
