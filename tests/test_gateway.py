@@ -408,7 +408,7 @@ def test_registered_voice_is_usable_by_name(gateway, oai, served) -> None:  # no
 
     from stepaudio2_client import StepAudio2Client
 
-    ref_wav = clip_path("default_voice").read_bytes()
+    ref_wav = clip_path("weather_en").read_bytes()  # any speech clip other than the bundled voice
     resp = httpx.post(f"{gateway.url}/v1/audio/voices", data={"name": "narrator"},
                       files={"file": ("v.wav", ref_wav, "audio/wav")}, timeout=120)
     assert resp.status_code == 200 and resp.json()["id"] == "narrator" and resp.json()["voice_id"]
