@@ -8,6 +8,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +45,32 @@ class Gateway:
 
     # ---- plumbing -----------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def slot(self):
-        """One forwarded request; past `max_in_flight` the client gets 429 at once instead of queueing."""
+    def take_slot(self) -> Callable[[], None]:
+        """One forwarded request; past `max_in_flight` the client gets 429 at once instead of queueing. Returns
+        the release function (idempotent)."""
         if self.in_flight >= self.cfg.max_in_flight:
             raise APIError(429, f"too many requests in flight (limit {self.cfg.max_in_flight}); retry shortly",
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+
+        return release
+
+    @contextlib.contextmanager
+    def slot(self):
+        release = self.take_slot()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            release()
 
     def events(self, request: dict, audio: bytes | None, voice: bytes | None = None):
         return with_deadline(self.triton.events(request, audio, voice), self.cfg.timeout_s)
@@ -77,10 +91,10 @@ class Gateway:
         voice = self.voices.get(params.voice).wav if params.speech else None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if params.stream:
-            slot = self.slot()
-            slot.__enter__()  # the 429 comes before the 200 of the stream; released when the stream ends
-            body = self._chat_stream(params, call, voice, rid, created, arrived, slot)
-            return SSEResponse(body, on_disconnect=lambda: self.metrics.cancelled.labels("disconnect").inc())
+            release = self.take_slot()  # the 429 comes before the 200 of the stream; released when it ends
+            body = self._chat_stream(params, call, voice, rid, created, arrived)
+            return SSEResponse(body, on_disconnect=lambda: self.metrics.cancelled.labels("disconnect").inc(),
+                               on_close=release)
         with self.slot():
             reply = await race(self._chat_once(params, call, voice), request.receive,
                                lambda: self.metrics.cancelled.labels("disconnect").inc())
@@ -126,7 +140,7 @@ class Gateway:
             return int(time.time())
         return self.replay.put(audio_id, turn)
 
-    async def _chat_stream(self, params: ChatParams, call, voice, rid: str, created: int, arrived: float, slot):
+    async def _chat_stream(self, params: ChatParams, call, voice, rid: str, created: int, arrived: float):
         def chunk(delta: dict, finish: str | None = None) -> bytes:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
@@ -159,8 +173,6 @@ class Gateway:
         except APIError as exc:  # headers are gone: the error travels as an SSE event, OpenAI-style
             self.metrics.errors.labels(str(exc.status)).inc()
             yield sse(exc.body())
-        finally:
-            slot.__exit__(None, None, None)
         yield b"data: [DONE]\n\n"
 
     # ---- audio: transcriptions, translations, voices ------------------------------------------------------
@@ -203,9 +215,10 @@ class Gateway:
         if prompt:  # a hint in the human turn, after the audio
             req["text"] = str(prompt)
         if stream == "true":
-            slot = self.slot()
-            slot.__enter__()
-            return SSEResponse(self._transcript_stream(req, raw, slot))
+            release = self.take_slot()
+            return SSEResponse(self._transcript_stream(req, raw),
+                               on_disconnect=lambda: self.metrics.cancelled.labels("disconnect").inc(),
+                               on_close=release)
         with self.slot():
             result = await race(self._final(req, raw), request.receive)
         if result is None:
@@ -235,7 +248,7 @@ class Gateway:
                     return event
         raise APIError(502, "the inference server sent no result", code="bad_gateway")
 
-    async def _transcript_stream(self, req: dict, audio: bytes, slot):
+    async def _transcript_stream(self, req: dict, audio: bytes):
         try:
             async for event in self.events(req, audio):
                 if event.get("type") == "text" and event["text"]:
@@ -245,8 +258,6 @@ class Gateway:
         except APIError as exc:
             self.metrics.errors.labels(str(exc.status)).inc()
             yield sse(exc.body())
-        finally:
-            slot.__exit__(None, None, None)
         yield b"data: [DONE]\n\n"
 
     async def add_voice(self, request: Request) -> Response:

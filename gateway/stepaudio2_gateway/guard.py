@@ -25,14 +25,19 @@ class Guard:
         path = scope["path"]
         endpoint = next((e for e in _ENDPOINTS if path == e or (e != "/" and path.startswith(e + "/"))), "other")
         started = time.perf_counter()
-        status = {"code": 500}
+        status = {"code": 500, "counted": False}
+
+        def count(code: int) -> None:
+            if not status["counted"]:
+                status["counted"] = True
+                self.gateway.metrics.done(endpoint, code, time.perf_counter() - started)
 
         async def send_counted(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.gateway.metrics.done(endpoint, status["code"], time.perf_counter() - started)
+                count(status["code"])
 
         headers = dict(scope.get("headers") or [])
         error = self._auth(path, headers) or self._declared_size(headers)
@@ -40,7 +45,10 @@ class Guard:
             await self._drain(receive)
             await _respond(error, send_counted)
             return
-        await self.app(scope, self._limited(receive), send_counted)
+        try:
+            await self.app(scope, self._limited(receive), send_counted)
+        finally:
+            count(499)  # the client left before the last byte (nginx's "client closed request")
 
     def _auth(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
         if not self.cfg.api_keys or path in OPEN_PATHS:

@@ -4,6 +4,7 @@ string minus one character, so a stop string split across deltas is still caught
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -60,29 +61,30 @@ async def pieces(events: AsyncIterator[dict], stops: list[str], outcome: Outcome
     """Reply pieces in arrival order; `outcome` is filled in at the end. Returning early closes `events`."""
     filters = {"content": _StopText(stops), "transcript": _StopText(stops)}
     calls = 0
-    async for event in events:
-        kind = event.get("type")
-        if kind == "text":
-            which = "transcript" if event.get("in_speech") else "content"
-            text, hit = filters[which].feed(event["text"])
-            if text:
-                yield Piece(which, text=text)
-            if hit:
-                outcome.stopped = True
-                outcome.finish_reason = "stop"
+    async with contextlib.aclosing(events):  # a stop string ends the reply early: close (cancel) the stream now
+        async for event in events:
+            kind = event.get("type")
+            if kind == "text":
+                which = "transcript" if event.get("in_speech") else "content"
+                text, hit = filters[which].feed(event["text"])
+                if text:
+                    yield Piece(which, text=text)
+                if hit:
+                    outcome.stopped = True
+                    outcome.finish_reason = "stop"
+                    return
+            elif kind == "audio":
+                yield Piece("audio", pcm=pcm16(event["pcm"]))
+            elif kind == "tool_call":
+                calls += 1
+                yield Piece("tool_call", call=tool_call_object(event["call"]))
+            elif kind == "result":
+                for which, f in filters.items():
+                    if rest := f.flush():
+                        yield Piece(which, text=rest)
+                outcome.result = event
+                outcome.finish_reason = "tool_calls" if calls else event.get("finish_reason", "stop")
                 return
-        elif kind == "audio":
-            yield Piece("audio", pcm=pcm16(event["pcm"]))
-        elif kind == "tool_call":
-            calls += 1
-            yield Piece("tool_call", call=tool_call_object(event["call"]))
-        elif kind == "result":
-            for which, f in filters.items():
-                if rest := f.flush():
-                    yield Piece(which, text=rest)
-            outcome.result = event
-            outcome.finish_reason = "tool_calls" if calls else event.get("finish_reason", "stop")
-            return
 
 
 def usage(result: dict[str, Any] | None) -> dict | None:

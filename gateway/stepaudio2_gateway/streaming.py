@@ -53,9 +53,11 @@ async def _disconnected(receive: Callable[[], Awaitable[dict]]) -> None:
 class SSEResponse:
     """text/event-stream from an async iterator of bytes; a disconnect cancels (and closes) the iterator."""
 
-    def __init__(self, body: AsyncIterator[bytes], on_disconnect: Callable[[], None] | None = None) -> None:
+    def __init__(self, body: AsyncIterator[bytes], on_disconnect: Callable[[], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.body = body
         self.on_disconnect = on_disconnect
+        self.on_close = on_close  # runs however the response ends (even before the body was started)
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -68,7 +70,11 @@ class SSEResponse:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        await race(pump(), receive, self.on_disconnect)
+        try:
+            await race(pump(), receive, self.on_disconnect)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 async def race(work: Awaitable[T], receive, on_disconnect: Callable[[], None] | None = None) -> T | None:
