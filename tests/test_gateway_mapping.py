@@ -161,3 +161,23 @@ def test_serve_starts_the_gateway_by_default() -> None:
     args = build_parser().parse_args(["serve"])
     assert args.gateway_port == 8080 and args.no_gateway is False
     assert build_parser().parse_args(["serve", "--no-gateway", "--gateway-port", "9090"]).no_gateway is True
+
+
+def test_stop_string_split_across_deltas_is_caught_before_it_is_sent() -> None:
+    import asyncio
+
+    from stepaudio2_gateway.reply import Outcome, pieces
+
+    async def events():
+        for t in ["Hel", "lo, wo", "rld. ", "Bye"]:
+            yield {"type": "text", "text": t, "in_speech": False}
+        yield {"type": "result", "finish_reason": "stop", "usage": {"prompt_tokens": 1, "completion_tokens": 4}}
+
+    async def run(stops):
+        outcome = Outcome()
+        return [p.text async for p in pieces(events(), stops, outcome)], outcome
+
+    sent, outcome = asyncio.run(run(["world"]))
+    assert "".join(sent) == "Hello, " and outcome.stopped and outcome.result is None
+    sent, outcome = asyncio.run(run(["nowhere"]))
+    assert "".join(sent) == "Hello, world. Bye" and not outcome.stopped and outcome.result["finish_reason"] == "stop"
