@@ -153,6 +153,7 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from stepaudio2.serving.gateway_process import start_gateway
     from stepaudio2.serving.launcher import ServerConfig, check_config, serve_forever
     from stepaudio2.serving.model_config import parse_setting
 
@@ -173,7 +174,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
         extra_args=list(args.triton_args), model_parameters=settings,
     )
-    return serve_forever(cfg)
+    gateway = None if args.no_gateway else start_gateway(cfg, args.gateway_port)  # OpenAI-compatible HTTP door
+    try:
+        return serve_forever(cfg)
+    finally:
+        if gateway is not None:
+            gateway.stop()
 
 
 def _load_tools(spec: str | None) -> list[dict] | None:
@@ -239,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="set a config.pbtxt parameter of a model, repeatable (e.g. --set token2wav.batching=false);"
                         " see README 'Model parameters'")
+    p.add_argument("--gateway-port", type=int, default=8080, help="OpenAI-compatible HTTP gateway port")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

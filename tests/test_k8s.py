@@ -130,6 +130,11 @@ def _pod_specs(docs: list[dict]):
             yield d["metadata"]["name"], d["spec"]["template"]["spec"]
 
 
+def _is_gateway(doc: dict) -> bool:
+    """The HTTP gateway's resources (issue 17; checked in test_gateway_k8s.py), not Triton's."""
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"
+
+
 @pytest.mark.parametrize("vf", VALUES_FILES)
 def test_restricted_pod_security(rendered, vf):
     specs = list(_pod_specs(rendered[vf][1]))
@@ -159,7 +164,7 @@ def test_deployment_essentials(rendered, vf):
     values = load_values(vf)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
-    for name, spec in _pod_specs(docs):
+    for name, spec in _pod_specs([d for d in docs if not _is_gateway(d)]):
         triton = spec["containers"][0]
         assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -175,7 +180,7 @@ def test_deployment_essentials(rendered, vf):
             assert init["build-engines"]["resources"]["limits"]["nvidia.com/gpu"] == gpus
     if vf == "values-split.yaml":
         args = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"]
-                for d in docs if d["kind"] == "Deployment"}
+                for d in docs if d["kind"] == "Deployment" and not _is_gateway(d)}
         assert set(args) == {"sa2-stepaudio2-llm", "sa2-stepaudio2-token2wav"}
         assert "--triton-arg=--load-model=llm" in args["sa2-stepaudio2-llm"]
         assert "--triton-arg=--load-model=token2wav" in args["sa2-stepaudio2-token2wav"]
@@ -186,7 +191,7 @@ def test_deployment_essentials(rendered, vf):
 
 def test_headless_service_option():
     docs = render({"service": {"headless": True}})
-    svc = [d for d in docs if d["kind"] == "Service"]
+    svc = [d for d in docs if d["kind"] == "Service" and not _is_gateway(d)]
     assert svc and all(d["spec"]["clusterIP"] == "None" for d in svc)
 
 
@@ -226,7 +231,7 @@ def test_values_files_set_only_parameters_the_models_declare(vf):
 def test_hpa_uses_an_adapter_metric_and_adapter_rules_use_recorded_series():
     values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     docs = render(load_values("values-gpu.yaml"))
-    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)]
     assert hpa and hpa[0]["apiVersion"] == "autoscaling/v2"
     adapter_names = {r["name"]["as"] for r in values["prometheusAdapter"]["rules"]["custom"]}
     assert hpa[0]["spec"]["metrics"][0]["pods"]["metric"]["name"] in adapter_names
@@ -349,7 +354,7 @@ def test_adapter_offers_queue_compute_and_first_audio_latency():
                                             ("stepaudio2_ttft_p95_seconds", "500m")])
 def test_hpa_selects_any_adapter_metric(metric, target):
     docs = render({"autoscaling": {"enabled": True, "metricName": metric, "targetAverageValue": target}})
-    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)]
     assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
         "metric": {"name": metric}, "target": {"type": "AverageValue", "averageValue": target}}}]
 
@@ -360,7 +365,7 @@ def test_split_stages_scale_on_different_metrics():
                   "enabled": True, "metricName": "stepaudio2_ttfa_p95_seconds", "targetAverageValue": "800m"}}]
     docs = render({"stages": stages})
     by_name = {d["metadata"]["name"]: d["spec"]["metrics"][0]["pods"] for d in docs
-               if d["kind"] == "HorizontalPodAutoscaler"}
+               if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)}
     assert by_name["sa2-stepaudio2-llm"]["metric"]["name"] == "triton_queue_compute_ratio"
     assert by_name["sa2-stepaudio2-token2wav"]["metric"]["name"] == "stepaudio2_ttfa_p95_seconds"
     assert by_name["sa2-stepaudio2-token2wav"]["target"]["averageValue"] == "800m"
