@@ -302,17 +302,21 @@ class _Bucket:
         self.positions = torch.arange(length)[None].expand(len(rows), length)
         self.mask = labels >= 0
         self.targets = labels[self.mask]
-        # One encoder batch over every audio chunk of the bucket (the encoder is batch-invariant).
+        # One encoder batch over every audio chunk of the bucket; each chunk keeps its own request's batch
+        # length (mel_frames), so it encodes exactly as at inference (the encoder is batch-invariant).
         self.owner = [(i, span) for i, r in enumerate(rows) for span in r.host.prompt.audio_spans]
         batch, _ = pad_mels([m for r in rows for m in r.host.prompt.mels])
         self.mels = torch.from_numpy(batch)
         self.mel_lengths = torch.as_tensor(np.array([n for r in rows for n in r.host.prompt.mel_lengths]))
+        self.mel_frames = torch.as_tensor(
+            np.array([max(m.shape[1] for m in r.host.prompt.mels) for r in rows for _ in r.host.prompt.mels])
+        )
 
     def logits(self, model: Any) -> Any:
         """Logits at the reply positions only: the vocabulary projection would dominate the cost otherwise."""
         import torch
 
-        emb, n = model.encode_audio(self.mels, self.mel_lengths)
+        emb, n = model.encode_audio(self.mels, self.mel_lengths, self.mel_frames)
         rows = list(model.model.embed_tokens(self.ids).unbind(0))
         for k, (i, (start, count)) in enumerate(self.owner):
             if int(n[k]) != count:
