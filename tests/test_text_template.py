@@ -166,7 +166,7 @@ def test_openai_tool_calls_in_history_are_written_as_markup() -> None:
     [
         (lambda: render_prompt([{"role": "robot", "content": "hi"}], generation="text"), "robot"),
         (lambda: render_prompt([{"role": "user", "content": [{"type": "video"}]}], generation=None), "video"),
-        (lambda: render_prompt([{"role": "user", "content": [{"type": "audio", "chunks": [0]}]}],
+        (lambda: render_prompt([{"role": "user", "content": [{"type": "audio", "chunks": [-1]}]}],
                                generation=None), "patch count"),
         (lambda: render_prompt([{"role": "user", "content": "x"}], generation="song"), "song"),
         (lambda: build_messages("dance", audio_chunks=[1], text=None), "dance"),

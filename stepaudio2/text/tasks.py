@@ -211,9 +211,10 @@ def _check_chunks(audio_chunks: list[int] | None) -> list[int] | None:
     if audio_chunks is None:
         return None
     if not isinstance(audio_chunks, (list, tuple)) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in audio_chunks
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in audio_chunks
     ):
-        raise InvalidInputError(f"audio_chunks must be a list of positive patch counts, got {audio_chunks!r}")
+        # 0 is upstream's empty block for a chunk of <= 320 samples
+        raise InvalidInputError(f"audio_chunks must be a list of non-negative patch counts, got {audio_chunks!r}")
     return list(audio_chunks) or None
 
 

@@ -76,8 +76,9 @@ def _content_segments(role: str, content: Any, where: str) -> list[_Segment]:
             if not isinstance(chunks, (list, tuple)) or not chunks:
                 raise InvalidInputError(f"{at}: an audio item needs a non-empty 'chunks' list of patch counts")
             for n in chunks:
-                if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                    raise InvalidInputError(f"{at}: audio chunk patch count must be a positive integer, got {n!r}")
+                # 0 is upstream's block for a chunk of <= 320 samples: `<audio_start><audio_end>`.
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise InvalidInputError(f"{at}: audio chunk patch count must be a non-negative integer, got {n!r}")
                 out.append(("audio", n))
         elif kind == "token_ids":
             ids = item.get("ids")
