@@ -46,7 +46,7 @@ def decoder_example(model: StepAudio2ForCausalLM, batch: int = 2, seq: int = 3, 
 
 
 def export_audio_encoder(model: StepAudio2ForCausalLM, path: Path) -> None:
-    batch, frames = Dim("batch", min=1, max=MAX_BATCH), Dim("frames", min=8, max=MAX_FRAMES)
+    batch, frames = Dim("batch", min=1, max=MAX_BATCH), Dim("frames", min=3, max=MAX_FRAMES)
     torch.onnx.export(
         AudioEncoderGraph(model).eval(),
         encoder_example(model),

@@ -35,7 +35,7 @@ def test_manifest_lists_graphs_and_rerun_is_noop(tiny_checkpoint: Path, reposito
 
 
 # batch 1, ragged batch, odd length, the 3-frame chunk of a <= 160-sample tail (0 placeholders)
-@pytest.mark.parametrize("frames", [[102], [203, 57, 150], [333], [2502, 3]])
+@pytest.mark.parametrize("frames", [[102], [203, 57, 150], [333], [2502, 3], [4]])
 def test_audio_encoder_matches_torch(tiny_model, repository: Path, frames: list[int]) -> None:
     runner = OrtRunner(repository / "audio_encoder" / "1" / "audio_encoder.onnx")
     g = torch.Generator().manual_seed(len(frames))
