@@ -33,6 +33,7 @@ class GenerationRequest:
     speed: str | None = None
     voice: str | None = None
     target_language: str | None = None
+    today: str | None = None  # ISO date for the tool persona's date line (default: the server's date)
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -146,6 +147,7 @@ def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
             speed=request.speed,
             voice=request.voice,
             target_language=request.target_language,
+            today=request.today,
         )
     check_tool_results(messages, tokenizer.decode)
     encoded = encode_prompt(tokenizer, messages, generation=generation)
@@ -158,7 +160,7 @@ def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
 
 REQUEST_FIELDS = (
     "task", "text", "messages", "generation", "history", "tools", "speed", "voice", "target_language", "sampling",
-    "audio_format",
+    "audio_format", "today",
 )
 
 
@@ -175,7 +177,7 @@ def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
     if unknown:
         raise InvalidInputError(f"unknown request field(s): {', '.join(unknown)}")
-    for name in ("text", "task", "generation", "speed", "voice", "target_language"):
+    for name in ("text", "task", "generation", "speed", "voice", "target_language", "today"):
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise InvalidInputError(f"request field '{name}' must be a string")
     for name in ("messages", "history", "tools"):
@@ -203,5 +205,6 @@ def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest
         speed=obj.get("speed"),
         voice=obj.get("voice"),
         target_language=obj.get("target_language"),
+        today=obj.get("today"),
         sampling=SamplingParams.from_dict(sampling),
     )

@@ -39,8 +39,10 @@ class Session:
         while result.get("tool_calls") and rounds < MAX_TOOL_ROUNDS:
             rounds += 1
             outputs = "\n".join(self.tools.run(call) for call in result["tool_calls"])
-            result = self.follow_up({"role": "input", "content": outputs + TOOL_RESULT_INSTRUCTION},
-                                    request.get("sampling"), on_event)
+            # Two text items, as upstream sends a tool result: each is tokenised on its own.
+            turn = {"role": "input", "content": [{"type": "text", "text": outputs},
+                                                 {"type": "text", "text": TOOL_RESULT_INSTRUCTION}]}
+            result = self.follow_up(turn, request.get("sampling"), on_event)
         return result
 
     def follow_up(self, turn: dict, sampling: dict | None = None, on_event=None) -> dict:
