@@ -85,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             messages.insert(at, {"role": "tool_json_schemas", "content": tools})
         preset = "voice-chat" if generation == "speech" else "chat"  # sampling defaults of the matching preset
         request = GenerationRequest(task=None, messages=messages, generation=generation, audios=clips,
-                                    sampling=sampling_from_args(args, preset))
+                                    sampling=sampling_from_args(args, preset), think=args.think)
     else:
         request = GenerationRequest(
             task=args.task,
@@ -96,6 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             voice=args.voice_style,
             target_language=args.target_language,
             sampling=sampling_from_args(args, args.task),
+            think=args.think,
         )
     result, pcm, first_audio = None, [], None
     items = pipe.stream(request)
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", default="chat")
     p.add_argument("--audio", help="input wav (any rate; stereo uses channel 0)")
+    p.add_argument("--think", action="store_true",
+                   help="think mode (upstream examples-think): the model reasons first; the reasoning is returned "
+                        "as `reasoning` and never spoken")
     p.add_argument("--messages", help="a whole conversation in upstream's message format (JSON file; audio items "
                                       "name wav files); replaces --task/--text/--audio")
     p.add_argument("--text", help="text input (the human turn)")

@@ -38,6 +38,7 @@ class GenerationRequest:
     voice: str | None = None
     target_language: str | None = None
     today: str | None = None  # ISO date for the tool persona's date line (default: the server's date)
+    think: bool = False  # upstream's think mode: reason after `<think>\n`, answer after `</think>`
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -55,6 +56,7 @@ class GenerationResult:
     generation: str = "text"
     messages: list[dict] = field(default_factory=list)
     assistant_turn: dict | None = None
+    reasoning: str | None = None  # think mode only: the reasoning text (never spoken, not in the history)
 
     def to_json(self) -> dict[str, Any]:
         """The result object of `generate --json` and of the served pipeline. `messages` + `assistant_turn` let a
@@ -70,6 +72,7 @@ class GenerationResult:
             "generation": self.generation,
             "messages": wire_messages(self.messages),
             "assistant_turn": self.assistant_turn,
+            **({"reasoning": self.reasoning} if self.reasoning is not None else {}),
         }
 
 
@@ -98,6 +101,7 @@ class Prompt:
     mel_lengths: list[int]
     generation: str
     messages: list[dict]
+    think: bool = False
 
 
 class _Clips:
@@ -204,17 +208,19 @@ def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
         raise InvalidInputError(f"the request carries audio clip #{unused[0]} but no message has an audio item for it")
     mels, lengths = clips.mels, clips.lengths
     check_tool_results(messages, tokenizer.decode)
-    encoded = encode_prompt(tokenizer, messages, generation=generation)
+    if not isinstance(request.think, bool):
+        raise InvalidInputError("request field 'think' must be true or false")
+    encoded = encode_prompt(tokenizer, messages, generation=generation, think=request.think)
     if len(encoded.audio_spans) != len(mels):
         raise InvalidInputError(
             f"prompt has {len(encoded.audio_spans)} audio block(s) but {len(mels)} audio chunk(s) were given"
         )
-    return Prompt(encoded.ids, list(encoded.audio_spans), mels, lengths, generation, messages)
+    return Prompt(encoded.ids, list(encoded.audio_spans), mels, lengths, generation, messages, request.think)
 
 
 REQUEST_FIELDS = (
     "task", "text", "messages", "generation", "history", "tools", "speed", "voice", "target_language", "sampling",
-    "audio_format", "today",
+    "audio_format", "today", "think",
 )
 
 
@@ -266,5 +272,6 @@ def request_from_json(obj: Any, audio: bytes | list[bytes] | None = None) -> Gen
         voice=obj.get("voice"),
         target_language=obj.get("target_language"),
         today=obj.get("today"),
+        think=obj.get("think", False) if obj.get("think") is not None else False,
         sampling=SamplingParams.from_dict(sampling),
     )
