@@ -111,7 +111,6 @@ class _Clips:
         self.clips = clips
         self.features: dict[int, Any] = {}
         self.used: set[int] = set()
-        self.next_positional = 0
         self.mels: list[np.ndarray] = []
         self.lengths: list[int] = []
 
@@ -141,9 +140,8 @@ class _Clips:
                     if isinstance(item, dict) and item.get("type") == "audio" and "chunks" not in item:
                         if "index" in item:
                             k = item["index"]
-                        else:
-                            k = self.next_positional
-                            self.next_positional += 1
+                        else:  # the first clip no earlier item took (a session's new turn gets the new clip)
+                            k = next((j for j in range(len(self.clips)) if j not in self.used), len(self.clips))
                             if k >= len(self.clips):
                                 raise InvalidInputError(
                                     f"{what} #{n} has an audio item but the request carries no (more) audio"

@@ -14,7 +14,7 @@ from stepaudio2.serving.bls import BlsStages
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
-    bytes_value,
+    bytes_values,
     json_value,
     optional_input,
     triton_error,
@@ -36,7 +36,7 @@ class TritonPythonModel:
                 payload = serve_request(
                     self.tokenizer, self.stages,
                     json_value(optional_input(pb_utils, request, "request"), "request"),
-                    bytes_value(optional_input(pb_utils, request, "audio")), None,
+                    bytes_values(optional_input(pb_utils, request, "audio")), None,
                     lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
                     is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
                 )
