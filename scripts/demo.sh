@@ -34,7 +34,7 @@ $C --task voice-chat --audio $A/hello_en.wav --stream --out-wav "$OUT/voice_chat
 echo "-- voice-chat with web_search: the model calls the tool, the client runs it, the answer is spoken"
 echo '[{"title": "Paris weather", "snippet": "sunny, 22 degrees, light wind.", "url": "https://weather.example/paris"}]' \
   > "$OUT/search_results.json"
-$C --task voice-chat --audio $A/weather_en.wav --tools web_search --search-results "$OUT/search_results.json" \
+$C --task voice-chat --today 2025-08-28 --audio $A/weather_en.wav --tools web_search --search-results "$OUT/search_results.json" \
   --stream --out-wav "$OUT/tool_answer_reply.wav"
 echo "== metrics (excerpt)"
 curl -s "http://127.0.0.1:$PORT_METRICS/metrics" | grep -E "^stepaudio2_(time_to_first_token_seconds_count|generated_tokens_total|time_to_first_audio_seconds_count|audio_generated_seconds_total|token2wav_batch_streams_count|tool_calls_total)" || true

@@ -97,6 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             target_language=args.target_language,
             sampling=sampling_from_args(args, args.task),
             think=args.think,
+            today=args.today,
         )
     result, pcm, first_audio = None, [], None
     items = pipe.stream(request)
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", default="chat")
     p.add_argument("--audio", help="input wav (any rate; stereo uses channel 0)")
+    p.add_argument("--today", help="ISO date for the tool persona's date line (default: today)")
     p.add_argument("--think", action="store_true",
                    help="think mode (upstream examples-think): the model reasons first; the reasoning is returned "
                         "as `reasoning` and never spoken")

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speech-output", dest="speech_output", choices=["stream", "offline", "none"],
                    help="speech synthesis mode of the server (default: stream)")
     p.add_argument("--target-language", dest="target_language")
+    p.add_argument("--today", help="ISO date for the tool persona's date line (default: the server's date)")
     p.add_argument("--think", action="store_true",
                    help="think mode: the model reasons first; the reasoning comes back as `reasoning`, never spoken")
     p.add_argument("--tools", choices=["web_search"], help="offer tools to the model; calls run in this client")
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request = {"task": args.task}
-    for name in ("text", "speed", "target_language", "speech_output"):
+    for name in ("text", "speed", "target_language", "speech_output", "today"):
         if getattr(args, name) is not None:
             request[name] = getattr(args, name)
     if args.voice_style:
