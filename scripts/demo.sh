@@ -35,7 +35,7 @@ $C --task voice-chat --audio $A/hello_en.wav --stream --out-wav "$OUT/voice_chat
 echo "-- voice-chat with web_search: the model calls the tool, the client runs it, the answer is spoken"
 echo '[{"title": "Paris weather", "snippet": "sunny, 22 degrees, light wind.", "url": "https://weather.example/paris"}]' \
   > "$OUT/search_results.json"
-$C --task voice-chat --audio $A/weather_en.wav --tools web_search --search-results "$OUT/search_results.json" \
+$C --task voice-chat --today 2025-08-28 --audio $A/weather_en.wav --tools web_search --search-results "$OUT/search_results.json" \
   --stream --out-wav "$OUT/tool_answer_reply.wav"
 echo "== 4. the same server through the OpenAI-compatible gateway (curl; the openai SDK works the same way)"
 GW="http://127.0.0.1:$PORT_GATEWAY/v1"

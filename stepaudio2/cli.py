@@ -71,16 +71,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from stepaudio2.speech import SpeechOutput
 
         speech = SpeechOutput(args.checkpoint, args.voice, engine=args.engine, repository=args.repository)
-    request = GenerationRequest(
-        task=args.task,
-        text=args.text,
-        audio=load_audio_input(args.audio) if args.audio else None,
-        tools=_load_tools(args.tools),
-        speed=args.speed,
-        voice=args.voice_style,
-        target_language=args.target_language,
-        sampling=sampling_from_args(args, args.task),
-    )
+    if args.messages:
+        from stepaudio2.upstream_messages import load_messages_file
+
+        if args.audio or args.text:
+            from stepaudio2.errors import InvalidInputError
+
+            raise InvalidInputError("--messages carries the whole conversation: drop --audio/--text")
+        messages, generation, clips = load_messages_file(args.messages)
+        tools = _load_tools(args.tools)
+        if tools:  # as upstream's vLLM template places them: right after the system turn
+            at = 1 if messages and messages[0].get("role") == "system" else 0
+            messages.insert(at, {"role": "tool_json_schemas", "content": tools})
+        preset = "voice-chat" if generation == "speech" else "chat"  # sampling defaults of the matching preset
+        request = GenerationRequest(task=None, messages=messages, generation=generation, audios=clips,
+                                    sampling=sampling_from_args(args, preset), think=args.think)
+    else:
+        request = GenerationRequest(
+            task=args.task,
+            text=args.text,
+            audio=load_audio_input(args.audio) if args.audio else None,
+            tools=_load_tools(args.tools),
+            speed=args.speed,
+            voice=args.voice_style,
+            target_language=args.target_language,
+            sampling=sampling_from_args(args, args.task),
+            think=args.think,
+            today=args.today,
+        )
     result, pcm, first_audio = None, [], None
     items = pipe.stream(request)
     if speech is not None and args.stream:
@@ -209,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", default="chat")
     p.add_argument("--audio", help="input wav (any rate; stereo uses channel 0)")
+    p.add_argument("--today", help="ISO date for the tool persona's date line (default: today)")
+    p.add_argument("--think", action="store_true",
+                   help="think mode (upstream examples-think): the model reasons first; the reasoning is returned "
+                        "as `reasoning` and never spoken")
+    p.add_argument("--messages", help="a whole conversation in upstream's message format (JSON file; audio items "
+                                      "name wav files); replaces --task/--text/--audio")
     p.add_argument("--text", help="text input (the human turn)")
     p.add_argument("--tools", help="'web_search' or a JSON file with OpenAI-style tool schemas")
     p.add_argument("--speed", choices=["slow", "normal", "fast"])

@@ -193,7 +193,7 @@ def test_tool_call_round_trip_through_a_scripted_assistant_turn(client, referenc
     through the same path (history -> prompt -> generation), then the result goes back as an `input` turn."""
     from stepaudio2.text import WEB_SEARCH_TOOL
 
-    call = render_tool_call("web_search", {"query": "weather in Paris"})
+    call = render_tool_call("search", {"query": "weather in Paris"})
     messages = [
         {"role": "system", "content": "You are a helpful voice assistant."},
         {"role": "tool_json_schemas", "content": [WEB_SEARCH_TOOL]},
@@ -215,7 +215,7 @@ def test_tool_call_round_trip_through_a_scripted_assistant_turn(client, referenc
     tools.register(WEB_SEARCH_SCHEMA, lambda args: ran.append(args) or _search_answer(args["query"]))
     session = Session(client, tools)
     session.messages, session.generation = messages[:4], "speech"
-    result = session.follow_up({"role": "input", "content": tools.run({"name": "web_search",
+    result = session.follow_up({"role": "input", "content": tools.run({"name": "search",
                                                                         "arguments": {"query": "weather in Paris"}})},
                                SAMPLING)
     assert ran == [{"query": "weather in Paris"}] and result["audio_codes"] == want.audio_codes

@@ -88,7 +88,7 @@ def test_frames_to_samples(hift: HiFTGenerator, frames: int) -> None:
     assert source.shape == (1, 1, frames * HOP)
     assert wav.dtype == torch.float32
     assert torch.isfinite(wav).all()
-    assert float(wav.abs().max()) <= 0.99
+    assert float(wav.abs().max()) <= float(torch.tensor(0.99))  # the clamp, at float32 precision
     assert float(wav.std()) > 1e-3  # the tiny vocoder makes sound, not silence
 
 

@@ -35,16 +35,18 @@ def error_from(exc: InferenceServerException) -> ClientError:
     return ClientError(status or "UNKNOWN", message)
 
 
-def request_inputs(request: dict[str, Any], audio: bytes | None, voice: bytes | None = None) -> list:
-    """The `pipeline` model's inputs: the JSON request, the optional audio clip and voice reference wav. Also
-    used by the HTTP gateway (tritonclient's aio client takes the same InferInput objects)."""
+def request_inputs(request: dict[str, Any], audio: bytes | list[bytes] | None, voice: bytes | None = None) -> list:
+    """The `pipeline` model's inputs: the JSON request, the audio clips and the optional voice reference wav.
+    `audio`: one clip, or every clip of a conversation (message audio items refer to them by index). Also used by
+    the HTTP gateway (tritonclient's aio client takes the same InferInput objects)."""
     req = grpcclient.InferInput("request", [1], "BYTES")
     req.set_data_from_numpy(np.array([json.dumps(request, ensure_ascii=False).encode()], dtype=np.object_))
     inputs = [req]
-    for name, data in (("audio", audio), ("voice", voice)):
+    clips = [audio] if isinstance(audio, (bytes, bytearray)) else list(audio or [])
+    for name, data in (("audio", clips or None), ("voice", [voice] if voice is not None else None)):
         if data is not None:
-            t = grpcclient.InferInput(name, [1], "BYTES")
-            t.set_data_from_numpy(np.array([data], dtype=np.object_))
+            t = grpcclient.InferInput(name, [len(data)], "BYTES")
+            t.set_data_from_numpy(np.array(data, dtype=np.object_))
             inputs.append(t)
     return inputs
 
@@ -68,7 +70,8 @@ class StepAudio2Client:
         return self._grpc.is_server_ready() and self._grpc.is_model_ready(self.model)
 
     def stream(
-        self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0, voice: bytes | None = None
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None, timeout: float = 300.0,
+        voice: bytes | None = None,
     ) -> Iterator[dict]:
         """Yield the server's events as they arrive; the last one has type "result". `voice`: a reference wav
         for speech replies (default: the server's voice). Audio events carry their float32 24 kHz PCM in "pcm".
@@ -109,7 +112,8 @@ class StepAudio2Client:
             self._grpc.stop_stream(cancel_requests=not finished)
 
     def generate_unary(
-        self, request: dict[str, Any], audio: bytes | None = None, model: str = "text_generate", timeout: float = 300.0
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None, model: str = "text_generate",
+        timeout: float = 300.0,
     ) -> dict:
         """One request, one response, through the request/response ensemble (no stream). A speech reply's
         audio (offline synthesis, float32 at 24 kHz) is in "pcm"."""
@@ -125,7 +129,8 @@ class StepAudio2Client:
         return out
 
     def generate(
-        self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0, voice: bytes | None = None
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None, timeout: float = 300.0,
+        voice: bytes | None = None,
     ) -> dict:
         """The final result object (same fields as `stepaudio2 generate --json`); a spoken reply's streamed audio
         is joined into "pcm" (float32, 24 kHz)."""

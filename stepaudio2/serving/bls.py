@@ -34,7 +34,11 @@ class BlsStages:
     def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
         pb = self.pb
         out = []
+        # Upstream encodes a request's chunks as one zero-padded batch; padding each chunk to the longest
+        # gives the encoder the same per-item batch length (the audio_encoder model reads it off the shape).
+        t_max = max((m.shape[1] for m in mels), default=0)
         for mel, n in zip(mels, lengths, strict=True):
+            mel = np.pad(mel, ((0, 0), (0, t_max - mel.shape[1])))
             resp = pb.InferenceRequest(
                 model_name=self.encoder_model,
                 inputs=[pb.Tensor("mel", mel[None].astype(np.float32)),

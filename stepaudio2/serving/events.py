@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from stepaudio2.text import AudioCodes, TextDelta, ToolCallEvent
+from stepaudio2.text import AudioCodes, ReasoningDelta, TextDelta, ToolCallEvent
 
 
 def event_dict(event: Any) -> dict[str, Any] | None:
@@ -16,6 +16,8 @@ def event_dict(event: Any) -> dict[str, Any] | None:
         return {"type": "audio_codes", "codes": list(event.codes)}
     if isinstance(event, ToolCallEvent):
         return {"type": "tool_call", "call": event.call.to_dict()}
+    if isinstance(event, ReasoningDelta):  # think mode: streamed apart from the answer, never spoken
+        return {"type": "reasoning", "text": event.text} if event.text else None
     return None
 
 

@@ -27,7 +27,7 @@ def serve_request(
     tokenizer: Any,
     stages: BlsStages,
     obj: Any,
-    audio: bytes | None,
+    audio: bytes | list[bytes] | None,
     voice_audio: bytes | None,
     emit: Emit,
     *,
@@ -40,6 +40,7 @@ def serve_request(
 ) -> dict[str, Any]:
     """Run one request; every event goes to `emit` (the result last). Returns the result payload."""
     arrived = time.perf_counter() if arrived is None else arrived
+    audio = [audio] if isinstance(audio, (bytes, bytearray)) else [a for a in (audio or []) if a]
     if not isinstance(obj, dict):
         raise InvalidInputError("request must be a JSON object")
     obj = dict(obj)

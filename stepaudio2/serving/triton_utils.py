@@ -54,6 +54,13 @@ def bytes_value(array: np.ndarray | None) -> bytes | None:
     return value if isinstance(value, bytes) else bytes(value)
 
 
+def bytes_values(array: np.ndarray | None) -> list[bytes]:
+    """Every element of a BYTES tensor (several audio clips of one conversation); empty elements dropped."""
+    if array is None:
+        return []
+    return [v if isinstance(v, bytes) else bytes(v) for v in array.reshape(-1) if len(v)]
+
+
 def json_value(array: np.ndarray | None, name: str) -> Any:
     raw = bytes_value(array)
     if raw is None:

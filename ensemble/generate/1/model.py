@@ -13,7 +13,7 @@ from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
-    bytes_value,
+    bytes_values,
     json_value,
     optional_input,
     triton_error,
@@ -35,7 +35,7 @@ class TritonPythonModel:
                 payload = serve_request(
                     self.tokenizer, self.stages,
                     json_value(optional_input(pb_utils, request, "request"), "request"),
-                    bytes_value(optional_input(pb_utils, request, "audio")), None,
+                    bytes_values(optional_input(pb_utils, request, "audio")), None,
                     lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
                     is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
                 )

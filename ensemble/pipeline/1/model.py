@@ -22,6 +22,7 @@ from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    bytes_values,
     json_value,
     optional_input,
     triton_error,
@@ -69,7 +70,7 @@ class TritonPythonModel:
             serve_request(
                 self.tokenizer, self.stages,
                 json_value(optional_input(pb_utils, request, "request"), "request"),
-                bytes_value(optional_input(pb_utils, request, "audio")),
+                bytes_values(optional_input(pb_utils, request, "audio")),
                 _voice_bytes(optional_input(pb_utils, request, "voice")),
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,

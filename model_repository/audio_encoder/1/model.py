@@ -35,7 +35,10 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
         if parsed:
             batch, _ = pad_mels([m for _, m, _ in parsed])
-            out = self.runner(mel=batch, mel_lengths=np.array([n for _, _, n in parsed], np.int64))
+            # Each request's own frame count is the batch length its item saw upstream (the pipeline pads a
+            # request's chunks to their longest): the graph keeps every item as if it ran alone at that length.
+            frames = np.array([m.shape[1] for _, m, _ in parsed], np.int64)
+            out = self.runner(mel=batch, mel_lengths=np.array([n for _, _, n in parsed], np.int64), mel_frames=frames)
             for row, (i, _, _) in enumerate(parsed):
                 n = int(out["embed_lengths"][row])
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[
