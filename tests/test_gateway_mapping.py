@@ -5,6 +5,7 @@ bad bodies are 400s naming the field. The served behaviour is in test_gateway.py
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 
 import pytest
@@ -28,7 +29,7 @@ def _call(body: dict):
     return pipeline_request(params, lambda _id: None, 300.0)
 
 
-def _ids(tok, wire: dict, audio: bytes | None) -> list[int]:
+def _ids(tok, wire: dict, audio: bytes | list[bytes] | None) -> list[int]:
     from stepaudio2.serving.speech_route import SpeechOptions
 
     obj = json.loads(json.dumps(wire))
@@ -44,6 +45,9 @@ def test_protocol_copies_equal_the_server_constants() -> None:
     assert prompts.VOICE_CHAT_PROMPT == tasks.VOICE_CHAT_PROMPT
     assert prompts.TOOL_ABILITY_PROMPT == tasks.TOOL_ABILITY_PROMPT
     assert prompts.TOOL_RESULT_INSTRUCTION == DEFAULT_TOOL_RESULT_INSTRUCTION
+    assert prompts.TOOL_PERSONA_LINES == tasks.TOOL_PERSONA_LINES
+    for day in (datetime.date(2025, 8, 28), datetime.date(2026, 12, 6)):  # a Thursday and a Sunday
+        assert prompts.persona_date(day) == tasks.persona_date(day)
     assert (prompts.TTS_START, prompts.TTS_END) == (tokens.TTS_START, tokens.TTS_END)
     assert prompts.SAMPLING_DEFAULTS["text"] == dict(TASKS["chat"].sampling)
     assert prompts.SAMPLING_DEFAULTS["speech"] == dict(TASKS["voice-chat"].sampling)
@@ -52,9 +56,29 @@ def test_protocol_copies_equal_the_server_constants() -> None:
 def test_voice_chat_with_input_audio_is_the_voice_chat_prompt(tok) -> None:
     call = _call({"messages": [{"role": "user", "content": [_audio_part()]}], "modalities": ["text", "audio"],
                   "audio": {"voice": "default", "format": "wav"}})
-    assert call.audio == WAV
+    assert call.audio == [WAV]
     assert call.request["generation"] == "speech" and call.request["speech_output"] == "stream"
     assert _ids(tok, call.request, WAV) == _ids(tok, {"task": "voice-chat"}, WAV)
+
+
+def test_several_input_audio_turns_travel_as_indexed_clips(tok) -> None:
+    """Two spoken user turns: both clips go with the request, each message names its own clip, and the prompt
+    equals the explicit-messages request with the clips in that order (issue 14: several audio items)."""
+    other = clip_path("nihao_zh").read_bytes()
+    b64 = base64.b64encode(other).decode()
+    call = _call({"messages": [{"role": "user", "content": [_audio_part()]},
+                               {"role": "assistant", "content": "Hello!"},
+                               {"role": "user", "content": [{"type": "text", "text": "And this?"}, _audio_part(b64)]}]})
+    assert call.audio == [WAV, other]
+    turns = [m for m in call.request["messages"] if m["role"] == "human"]
+    assert turns[0]["content"] == [{"type": "audio", "index": 0}]
+    assert turns[1]["content"] == [{"type": "text", "text": "And this?"}, {"type": "audio", "index": 1}]
+    explicit = {"messages": [call.request["messages"][0],
+                             {"role": "human", "content": [{"type": "audio"}]},
+                             {"role": "assistant", "content": "Hello!"},
+                             {"role": "human", "content": [{"type": "text", "text": "And this?"}, {"type": "audio"}]}],
+                "generation": "text"}
+    assert _ids(tok, call.request, [WAV, other]) == _ids(tok, explicit, [WAV, other])
 
 
 def test_text_chat_with_history_is_the_chat_prompt(tok) -> None:
@@ -68,7 +92,7 @@ def test_text_chat_with_history_is_the_chat_prompt(tok) -> None:
 def test_tool_round_trip_rebuilds_the_exact_follow_up_prompt(tok) -> None:
     """The OpenAI form of the tool round trip (assistant tool_calls, then a `tool` message) gives the same prompt
     ids as the client library's session, which replays the model's own tokens."""
-    from stepaudio2.text import WEB_SEARCH_TOOL
+    from stepaudio2.text import WEB_SEARCH_TOOL, render_tool_call
 
     audio = clip_path(CURRICULUM.tool_clip).read_bytes()
     b64 = base64.b64encode(audio).decode()
@@ -77,7 +101,7 @@ def test_tool_round_trip_rebuilds_the_exact_follow_up_prompt(tok) -> None:
     assert _ids(tok, first.request, audio) == _ids(tok, {"task": "voice-chat", "tools": [WEB_SEARCH_TOOL]}, audio)
     # What the server's result says for the first turn: the prompt messages and the replayed assistant turn.
     sp = tok.special
-    markup = '<tool_call>function\nweb_search\n{"query": "weather in Paris today"}</tool_call>'
+    markup = render_tool_call(CURRICULUM.tool_call["name"], dict(CURRICULUM.tool_call["arguments"]))
     reply_ids = [sp.tts_end, *tok.encode(markup)]
     req = request_from_json({"task": "voice-chat", "tools": [WEB_SEARCH_TOOL]}, audio)
     from stepaudio2.request import wire_messages
@@ -87,7 +111,7 @@ def test_tool_round_trip_rebuilds_the_exact_follow_up_prompt(tok) -> None:
               "assistant_turn": assistant_turn_from_reply("speech", reply_ids, "", special=sp)}
     want = _ids(tok, tool_follow_up(result), audio)
     call = {"id": "call_1", "type": "function",
-            "function": {"name": "web_search", "arguments": json.dumps(dict(CURRICULUM.tool_call["arguments"]))}}
+            "function": {"name": CURRICULUM.tool_call["name"], "arguments": json.dumps(dict(CURRICULUM.tool_call["arguments"]))}}
     second = _call({"messages": [
         {"role": "user", "content": [_audio_part(b64)]},
         {"role": "assistant", "content": None, "tool_calls": [call]},
@@ -131,7 +155,6 @@ def test_replayed_audio_id_gives_the_exact_assistant_turn() -> None:
      400, "messages[0].content[0].input_audio.data"),
     ({"messages": [{"role": "user", "content": [_audio_part(base64.b64encode(b"hello, not audio").decode())]}]},
      400, "messages[0].content[0].input_audio.data"),
-    ({"messages": [{"role": "user", "content": [_audio_part(), _audio_part()]}]}, 400, "messages[0].content[1]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages[0].content[0].type"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),

@@ -72,7 +72,7 @@ class Gateway:
         finally:
             release()
 
-    def events(self, request: dict, audio: bytes | None, voice: bytes | None = None):
+    def events(self, request: dict, audio: bytes | list[bytes] | None, voice: bytes | None = None):
         return with_deadline(self.triton.events(request, audio, voice), self.cfg.timeout_s)
 
     async def body_json(self, request: Request) -> Any:

@@ -1,12 +1,13 @@
 """`POST /v1/chat/completions` bodies: validation (400 naming the field, OpenAI's dotted paths) and the one
 mapping from OpenAI messages to a `pipeline` request.
 
-Today's pipeline request carries one audio clip, referenced by an {"type": "audio"} placeholder in the messages;
-`pipeline_request` is the only place that knows this, so that several clips per request only change it.
+Every `input_audio` part of the conversation travels as one of the request's audio clips, referenced from its
+message by an {"type": "audio", "index": k} item; `pipeline_request` is the only place that knows this.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from stepaudio2_gateway.prompts import (
     CHAT_PROMPT,
     SAMPLING_DEFAULTS,
     TOOL_ABILITY_PROMPT,
+    TOOL_PERSONA_LINES,
     TOOL_RESULT_INSTRUCTION,
     TTS_END,
     TTS_START,
     VOICE_CHAT_PROMPT,
+    persona_date,
 )
 
 AUDIO_OUT_FORMATS = ("wav", "pcm16")
@@ -188,7 +191,7 @@ def _stop(stop: Any) -> list[str]:
 @dataclass
 class PipelineCall:
     request: dict[str, Any]  # the pipeline's JSON request
-    audio: bytes | None  # the one audio clip the messages refer to
+    audio: list[bytes]  # every audio clip of the conversation, in the order the messages refer to them
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -224,10 +227,9 @@ def _user_content(content: Any, where: str, max_seconds: float, clips: list[byte
                 raise bad(f"input_audio.format must be one of {', '.join(AUDIO_IN_FORMATS)}", f"{at}.input_audio.format")
             raw = decode_b64(audio.get("data"), f"{at}.input_audio.data")
             check_audio(raw, f"{at}.input_audio.data", max_seconds)
-            if clips:  # today's pipeline request carries one clip
-                raise bad("this server takes one input_audio per request (history included)", at)
+            # Every clip of the conversation travels with the request; the item names its clip by index.
+            items.append({"type": "audio", "index": len(clips)})
             clips.append(raw)
-            items.append({"type": "audio"})
         else:
             raise bad(f"unsupported content part type {kind!r} (text or input_audio)", f"{at}.type")
     return items
@@ -255,12 +257,17 @@ def pipeline_request(params: ChatParams, replay: Callable[[str], dict | None], m
         elif role == "tool":
             if not isinstance(msg.get("tool_call_id"), str):
                 raise bad("a tool message needs 'tool_call_id'", f"{where}.tool_call_id")
-            turns.append({"role": "input", "content": _text_of(msg.get("content"), where) + TOOL_RESULT_INSTRUCTION})
+            # The result and the instruction as two text items, each tokenised on its own (as upstream sends them).
+            turns.append({"role": "input", "content": [{"type": "text", "text": _text_of(msg.get("content"), where)},
+                                                       {"type": "text", "text": TOOL_RESULT_INSTRUCTION}]})
         else:
             raise bad(f"unknown role {role!r} (system, developer, user, assistant or tool)", f"{where}.role")
-    prompt = "\n".join(system) if system else (VOICE_CHAT_PROMPT if params.speech else CHAT_PROMPT)
-    if params.tools:
-        prompt += "\n" + TOOL_ABILITY_PROMPT
+    if system:
+        prompt = "\n".join(system) + ("\n" + TOOL_ABILITY_PROMPT if params.tools else "")
+    elif params.speech and params.tools:  # the voice-chat preset with tools: upstream's tool-call persona
+        prompt = "\n".join(line.format(date=persona_date(datetime.date.today())) for line in TOOL_PERSONA_LINES)
+    else:
+        prompt = (VOICE_CHAT_PROMPT if params.speech else CHAT_PROMPT) + ("\n" + TOOL_ABILITY_PROMPT if params.tools else "")
     head = [{"role": "system", "content": prompt}]
     if params.tools:
         head.append({"role": "tool_json_schemas", "content": params.tools})
@@ -270,7 +277,7 @@ def pipeline_request(params: ChatParams, replay: Callable[[str], dict | None], m
     }
     if params.speech_seed is not None:
         request["speech_seed"] = params.speech_seed
-    return PipelineCall(request, clips[0] if clips else None)
+    return PipelineCall(request, clips)
 
 
 def _assistant_turn(msg: dict, where: str, generation: str, replay: Callable[[str], dict | None]) -> dict:

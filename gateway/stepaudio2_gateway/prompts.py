@@ -7,12 +7,32 @@ trained on, so a different wording would be a prompt it never saw.
 
 from __future__ import annotations
 
+import datetime
+
 # stepaudio2.text.tasks: CHAT_PROMPT, VOICE_CHAT_PROMPT, TOOL_ABILITY_PROMPT
 CHAT_PROMPT = "You are a helpful assistant."
 VOICE_CHAT_PROMPT = "请用语音与我交流。"
 TOOL_ABILITY_PROMPT = (
     "你具备调用工具解决问题的能力，你需要根据用户的需求和上下文情景，自主选择是否调用系统提供的工具来协助用户。"
 )
+# stepaudio2.text.tasks.TOOL_PERSONA_LINES: a spoken chat with tools uses upstream's tool-call persona as its
+# system prompt, the date line filled as upstream writes it (persona_date).
+TOOL_PERSONA_LINES = (
+    "你的名字叫做小跃，是由阶跃星辰公司训练出来的语音大模型。",
+    TOOL_ABILITY_PROMPT,
+    "你情感细腻，观察能力强，擅长分析用户的内容，并作出善解人意的回复，说话的过程中时刻注意用户的感受，富有同理心，"
+    "提供多样的情绪价值。",
+    "今天是{date}",
+    "请用默认女声与用户交流",
+)
+_WEEKDAYS = "一二三四五六日"
+
+
+def persona_date(day: datetime.date) -> str:
+    """stepaudio2.text.tasks.persona_date: 2025年8月28日，星期四."""
+    return f"{day.year}年{day.month}月{day.day}日，星期{_WEEKDAYS[day.weekday()]}"
+
+
 # stepaudio2.text.history.DEFAULT_TOOL_RESULT_INSTRUCTION: appended to a tool result (upstream example)
 TOOL_RESULT_INSTRUCTION = "\n\n\n请用口语化形式总结检索结果，简短地回答用户的问题。"
 # stepaudio2.text.tokens: TTS_START, TTS_END (a spoken assistant turn that only called a tool)

@@ -65,7 +65,7 @@ class TritonPipeline:
             return False
 
     async def events(
-        self, request: dict[str, Any], audio: bytes | None, voice: bytes | None = None
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None, voice: bytes | None = None
     ) -> AsyncIterator[dict]:
         """The pipeline's events (audio events carry float32 24 kHz PCM in "pcm"); the last is "result"."""
         done = asyncio.Event()
