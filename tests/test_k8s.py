@@ -268,7 +268,7 @@ def test_promtool_check_rules():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_promtool_tests_read_the_rules_the_chart_ships():
+def test_rules_unit_tests_read_the_rules_the_chart_ships():
     rule_files = yaml.safe_load(RULES_TEST.read_text(encoding="utf-8"))["rule_files"]
     assert [(RULES_TEST.parent / f).resolve() for f in rule_files] == [RULES.resolve()]
     # One copy of each: no other source file under k8s/ (the generated kustomize tree aside) holds a rule group
