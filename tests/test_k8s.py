@@ -196,7 +196,7 @@ def test_headless_service_option():
 
 
 def _serve_settings(docs: list[dict]) -> list[str]:
-    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment" and not _is_gateway(d)]
     (triton,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "triton"]
     return [a for a in triton["args"] if a.startswith("--set")]
 
