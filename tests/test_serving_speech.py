@@ -173,12 +173,12 @@ def test_cancelled_speech_stream_releases_token2wav_and_llm_state(client, server
     for _ in range(100):
         text = _metrics(server)
         if (_value(text, 'stepaudio2_token2wav_active_streams{model="token2wav"}') == 0
-                and _value(text, 'stepaudio2_llm_active_sequences{model="llm"}') == 0
+                and _value(text, 'vllm:num_requests_running{model="llm"}') == 0
                 and _value(text, cancelled) > before):
             break
         threading.Event().wait(0.2)
-    assert _value(text, 'stepaudio2_token2wav_active_streams{model="token2wav"}') == 0
-    assert _value(text, 'stepaudio2_llm_active_sequences{model="llm"}') == 0
+    for gauge in ('stepaudio2_token2wav_active_streams{model="token2wav"}', 'vllm:num_requests_running{model="llm"}'):
+        assert gauge in text and _value(text, gauge) == 0, gauge  # present (a missing gauge would read 0) and 0
     assert _value(text, cancelled) - before == 1  # this request, finished as cancelled (not as length or stop)
     ok = client.generate({"task": "chat", "text": "still there?", "sampling": {"max_new_tokens": 2}})
     assert ok["finish_reason"] in ("stop", "length")
