@@ -11,6 +11,7 @@ import ast
 import json
 import re
 import shutil
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -218,7 +219,8 @@ def test_set_reaches_every_kind_of_parameter_on_a_live_server(set_server) -> Non
     cfg, sessions = set_server
     # What Triton loaded (and handed each model's initialize) is the tracked defaults with the settings over them.
     for model, values in {**SETTINGS, "pipeline": {**SETTINGS["pipeline"], "sessions_dir": str(sessions)},
-                          "audio_encoder": {"engine": cfg.engine}, "llm": {"engine": cfg.engine}}.items():
+                          "audio_encoder": {"engine": cfg.engine},
+                          "llm": {"python_executable": sys.executable}}.items():  # written by the launcher
         folder = "ensemble" if model == "pipeline" else "model_repository"
         tracked = parameters(read_config(REPO / folder / model / "config.pbtxt"))
         assert _served_parameters(cfg, model) == {**tracked, **values}, model
