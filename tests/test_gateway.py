@@ -166,8 +166,9 @@ def test_tool_call_then_spoken_answer(oai) -> None:
     from stepaudio2_client import WEB_SEARCH_SCHEMA
 
     messages = [_audio_msg(CURRICULUM.tool_clip)]
+    # The taught lesson's persona is dated 2025-08-28 (extension field: the date the tool persona states).
     kw = {"model": MODEL, "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "wav"},
-          "tools": [WEB_SEARCH_SCHEMA]}
+          "tools": [WEB_SEARCH_SCHEMA], "extra_body": {"stepaudio2": {"today": "2025-08-28"}}}
     first = oai.chat.completions.create(messages=messages, **kw).choices[0]
     assert first.finish_reason == "tool_calls"
     (call,) = first.message.tool_calls

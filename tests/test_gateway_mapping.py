@@ -97,8 +97,9 @@ def test_tool_round_trip_rebuilds_the_exact_follow_up_prompt(tok) -> None:
     audio = clip_path(CURRICULUM.tool_clip).read_bytes()
     b64 = base64.b64encode(audio).decode()
     first = _call({"messages": [{"role": "user", "content": [_audio_part(b64)]}], "tools": [WEB_SEARCH_TOOL],
-                   "modalities": ["text", "audio"]})
-    assert _ids(tok, first.request, audio) == _ids(tok, {"task": "voice-chat", "tools": [WEB_SEARCH_TOOL]}, audio)
+                   "modalities": ["text", "audio"], "stepaudio2": {"today": "2025-08-28"}})
+    preset = {"task": "voice-chat", "tools": [WEB_SEARCH_TOOL], "today": "2025-08-28"}
+    assert _ids(tok, first.request, audio) == _ids(tok, preset, audio)
     # What the server's result says for the first turn: the prompt messages and the replayed assistant turn.
     sp = tok.special
     markup = render_tool_call(CURRICULUM.tool_call["name"], dict(CURRICULUM.tool_call["arguments"]))

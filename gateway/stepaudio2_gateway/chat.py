@@ -51,6 +51,7 @@ class ChatParams:
     stream: bool = False
     include_usage: bool = False
     speech_seed: int | None = None
+    today: datetime.date | None = None  # the tool persona's date (extension `stepaudio2.today`; default: today)
 
 
 def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = False, lo_open: bool = False,
@@ -114,8 +115,13 @@ def parse_chat(body: Any, known_voice: Callable[[str], bool]) -> ChatParams:
     params.sampling = _sampling(body, "speech" if params.speech else "text")
     params.stop = _stop(body.get("stop"))
     ext = body.get("stepaudio2") or {}
-    if not isinstance(ext, dict) or set(ext) - {"top_k", "repetition_penalty", "speech_seed"}:
-        raise bad("'stepaudio2' takes only top_k, repetition_penalty, speech_seed", "stepaudio2")
+    if not isinstance(ext, dict) or set(ext) - {"top_k", "repetition_penalty", "speech_seed", "today"}:
+        raise bad("'stepaudio2' takes only top_k, repetition_penalty, speech_seed, today", "stepaudio2")
+    if ext.get("today") is not None:
+        try:
+            params.today = datetime.date.fromisoformat(str(ext["today"]))
+        except ValueError:
+            raise bad("'stepaudio2.today' must be an ISO date YYYY-MM-DD", "stepaudio2.today") from None
     if (v := _number(ext, "top_k", 0, 1_000_000, integer=True, param="stepaudio2.top_k")) is not None:
         params.sampling["top_k"] = v
     if (v := _number(ext, "repetition_penalty", 0, 10, lo_open=True,
@@ -265,7 +271,8 @@ def pipeline_request(params: ChatParams, replay: Callable[[str], dict | None], m
     if system:
         prompt = "\n".join(system) + ("\n" + TOOL_ABILITY_PROMPT if params.tools else "")
     elif params.speech and params.tools:  # the voice-chat preset with tools: upstream's tool-call persona
-        prompt = "\n".join(line.format(date=persona_date(datetime.date.today())) for line in TOOL_PERSONA_LINES)
+        day = params.today or datetime.date.today()
+        prompt = "\n".join(line.format(date=persona_date(day)) for line in TOOL_PERSONA_LINES)
     else:
         prompt = (VOICE_CHAT_PROMPT if params.speech else CHAT_PROMPT) + ("\n" + TOOL_ABILITY_PROMPT if params.tools else "")
     head = [{"role": "system", "content": prompt}]
