@@ -28,7 +28,8 @@ from .conftest import REPO, SERVE_EXTRA, free_port, require_module
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 ALLOWED = REPO / ".venv"  # the dependencies this environment installed (not part of the source tree)
-SOURCES = ("pyproject.toml", "README.md", "stepaudio2", "export", "client", "model_repository", "ensemble")
+SOURCES = ("pyproject.toml", "README.md", "stepaudio2", "export", "client", "gateway", "model_repository",
+           "ensemble")
 
 AUDIT_HOOK = '''
 import os, sys
@@ -146,7 +147,8 @@ def test_the_wheel_serves_asr_equal_to_the_reference(fresh: dict, taught_checkpo
     log = (work / "serve.log").open("w")
     serve = subprocess.Popen(
         [str(bin_ / "stepaudio2"), "serve", "--checkpoint", "ckpt", "--runtime", "runtime",
-         *(f"--{k}-port={v}" for k, v in ports.items()), "--set", "pipeline.max_sessions=2"],
+         *(f"--{k}-port={v}" for k, v in ports.items()), "--set", "pipeline.max_sessions=2",
+         "--no-gateway"],  # Triton's gRPC is what this test serves from the wheel
         env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 900
