@@ -153,7 +153,8 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stepaudio2.serving.launcher import ServerConfig, serve_forever
+    from stepaudio2.serving.launcher import ServerConfig
+    from stepaudio2.serving.supervisor import serve_supervised
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is None:  # embedded default: the taught tiny checkpoint (built once, cached by its inputs)
@@ -164,9 +165,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
-        extra_args=list(args.triton_args),
+        extra_args=list(args.triton_args) + [f"--trace-config={t}" for t in args.trace],
     )
-    return serve_forever(cfg)
+    return serve_supervised(cfg, args.health_port, max_restarts=args.max_restarts)
 
 
 def _load_tools(spec: str | None) -> list[dict] | None:
@@ -229,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
     p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
+    p.add_argument("--health-port", type=int, default=8003,
+                   help="end-to-end health endpoint (/health/live, /health/ready) for the probes")
+    p.add_argument("--max-restarts", type=int, default=5, help="in-place restarts within 10 min before giving up")
+    p.add_argument("--trace", action="append", default=[], metavar="SETTING",
+                   help="Triton trace setting, repeatable, passed as --trace-config (e.g. --trace mode=opentelemetry "
+                        "--trace opentelemetry,url=http://collector:4318/v1/traces --trace rate=100 "
+                        "--trace level=TIMESTAMPS)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

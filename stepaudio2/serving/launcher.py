@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stepaudio2.errors import StepAudio2Error
+from stepaudio2.serving import shm
+from stepaudio2.serving.protection import protection_args, write_admin_key
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = SOURCE_ROOT / "model_repository"
@@ -51,6 +53,8 @@ class ServerConfig:
     # {model: {parameter: value}} written over the `parameters` of the runtime copies of config.pbtxt
     # (e.g. {"token2wav": {"batching": "false"}} for the benchmark's baseline).
     model_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Python-backend shared-memory region prefix; set per start (stepaudio2.serving.shm) so exits remove ours only.
+    shm_prefix: str = ""
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -138,10 +142,20 @@ def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[li
             # voice prompts are 100 kB+ each), so start large: tmpfs pages cost nothing until touched.
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]
+    if cfg.shm_prefix:
+        args.append(f"--backend-config=python,shm-region-prefix-name={cfg.shm_prefix}")
+    args += protection_args()
     if cfg.engine == "onnx-cpu":  # no GPU to watch; the CPU build would log errors trying
         args.append("--allow-gpu-metrics=false")
     args += cfg.extra_args
     return args, env
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class TritonProcess:
@@ -153,6 +167,9 @@ class TritonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 300.0) -> None:
+        shm.remove_stale()  # leftovers of launchers that died without cleaning up
+        self.cfg.shm_prefix = shm.new_prefix()
+        write_admin_key(self.cfg.runtime)
         stages, pipelines = prepare_runtime(self.cfg)
         cmd, env = server_command(self.cfg, stages, pipelines)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +211,11 @@ class TritonProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.proc is not None:
+            _kill_group(self.proc.pid)  # stubs that outlived their server would keep their regions mapped
         self.proc = None
+        if self.cfg.shm_prefix:
+            shm.remove_regions(self.cfg.shm_prefix)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None

@@ -1,7 +1,13 @@
-"""Triton adapter for the audio encoder: requests in -> one padded batch -> core runner -> responses out."""
+"""Triton adapter for the audio encoder: requests in -> one padded batch -> core runner -> responses out.
+
+Isolation: every item is checked on its own before it joins the batch (shape, finiteness, the encoder's
+positional window), and if the batched run still fails, each item is retried alone so only the item that
+cannot run gets the error; the rest of the dynamic batch is answered normally.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,15 +15,34 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.audio import pad_mels
+from stepaudio2.config import load_config
 from stepaudio2.engines.runners import make_runner
-from stepaudio2.errors import InvalidInputError
 from stepaudio2.serving.triton_utils import required_input, triton_error
+from stepaudio2.serving.validation import check_mel
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.runner = make_runner(version_dir / "audio_encoder.onnx", os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu"))
+        audio = load_config(Path(args["model_repository"]).parent / "llm" / "1").audio
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        self.n_mels = audio.n_mels
+        # The stride-2 conv halves the frames before the learned positions: 2 x n_audio_ctx frames fit.
+        self.max_frames = min(int(params.get("max_mel_frames", 3000)), 2 * audio.n_audio_ctx)
+        # Warm before ready: the first run pays for graph optimisation and arena allocation.
+        self._run([np.zeros((self.n_mels, 200), np.float32)], [200])
+
+    def _run(self, mels: list[np.ndarray], lengths: list[int]) -> dict:
+        batch, _ = pad_mels(mels)
+        return self.runner(mel=batch, mel_lengths=np.array(lengths, np.int64))
+
+    def _respond(self, out: dict, row: int):
+        n = int(out["embed_lengths"][row])
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("audio_embeds", np.ascontiguousarray(out["audio_embeds"][row : row + 1, :n])),
+            pb_utils.Tensor("embed_length", np.array([[n]], np.int64)),
+        ])
 
     def execute(self, requests: list) -> list:
         parsed, responses = [], [None] * len(requests)
@@ -25,22 +50,24 @@ class TritonPythonModel:
             try:
                 mel = required_input(pb_utils, request, "mel")
                 length = int(required_input(pb_utils, request, "mel_length").reshape(-1)[0])
-                if mel.ndim != 3 or mel.shape[0] != 1:
-                    raise InvalidInputError(f"'mel' must be [1, 128, frames], got {list(mel.shape)}")
-                if not 1 <= length <= mel.shape[2]:
-                    raise InvalidInputError(f"'mel_length' {length} is outside [1, {mel.shape[2]}]")
-                if not np.isfinite(mel).all():
-                    raise InvalidInputError("'mel' contains NaN or infinite values")
+                check_mel(mel, length, self.n_mels, self.max_frames)
                 parsed.append((i, mel[0], length))
             except Exception as exc:
                 responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
-        if parsed:
-            batch, _ = pad_mels([m for _, m, _ in parsed])
-            out = self.runner(mel=batch, mel_lengths=np.array([n for _, _, n in parsed], np.int64))
+        if not parsed:
+            return responses
+        try:
+            out = self._run([m for _, m, _ in parsed], [n for _, _, n in parsed])
             for row, (i, _, _) in enumerate(parsed):
-                n = int(out["embed_lengths"][row])
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("audio_embeds", np.ascontiguousarray(out["audio_embeds"][row : row + 1, :n])),
-                    pb_utils.Tensor("embed_length", np.array([[n]], np.int64)),
-                ])
+                responses[i] = self._respond(out, row)
+        except Exception as batch_exc:
+            pb_utils.Logger.log_warn(f"audio_encoder: batch of {len(parsed)} failed "
+                                     f"({type(batch_exc).__name__}); retrying each item alone")
+            for i, mel, length in parsed:
+                try:
+                    responses[i] = self._respond(self._run([mel], [length]), 0)
+                except Exception as exc:
+                    pb_utils.Logger.log_error(f"audio_encoder: request {requests[i].request_id()!r} failed: "
+                                              f"{type(exc).__name__}: {exc}")
+                    responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
         return responses

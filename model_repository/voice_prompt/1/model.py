@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from stepaudio2.audio import decode_audio
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, optional_input, triton_error
 from stepaudio2.token2wav.prompt import VoicePrompt, VoicePromptEncoder, default_voice_path
@@ -23,6 +24,7 @@ class TritonPythonModel:
         t2w_dir = Path(args["model_repository"]).parent / "token2wav" / "1"
         self.max_voices = int(params.get("max_voices", 64))
         self.max_seconds = float(params.get("max_prompt_seconds", 30))
+        self.min_seconds = float(params.get("min_prompt_seconds", 1))
         self.encoder = VoicePromptEncoder(t2w_dir, cache_size=self.max_voices)
         self.voices: OrderedDict[str, VoicePrompt] = OrderedDict()
         self.lock = threading.Lock()
@@ -43,11 +45,16 @@ class TritonPythonModel:
             data = bytes_value(audio) or b""
             if not data:
                 raise InvalidInputError("voice prompt audio is empty")
-            prompt = self.encoder.encode_bytes(data)
-            seconds = prompt.num_tokens / 25.0
+            # Duration first (a cheap decode), so an over-long prompt is refused before the expensive encoding.
+            samples, sr = decode_audio(data, mono="first")
+            seconds = samples.shape[0] / sr
             if seconds > self.max_seconds:
-                raise InvalidInputError(f"voice prompt is {seconds:.1f} s long, more than {self.max_seconds:g} s")
-            return self._keep(prompt)
+                raise InvalidInputError(f"voice prompt is {seconds:.1f} s long, over the limit "
+                                        f"max_prompt_seconds={self.max_seconds:g}")
+            if seconds < self.min_seconds:
+                raise InvalidInputError(f"voice prompt is {seconds:.2f} s long, under the limit "
+                                        f"min_prompt_seconds={self.min_seconds:g}")
+            return self._keep(self.encoder.encode_bytes(data))
         if voice_id:
             key = voice_id.decode("utf-8", "replace")
             with self.lock:

@@ -1,0 +1,200 @@
+"""`serve`'s watchdog: start tritonserver, warm it, then watch it and restart it in place when it breaks.
+
+Two signals, checked every `interval_s`:
+  * process level (instant): tritonserver exited, or a Python-backend stub that was running at ready is gone
+    (a dead stub stayed dead in this Triton and every request to it failed; a dead pipeline stub made the LLM's
+    batching thread block for ever);
+  * end to end (stepaudio2.serving.health): a tiny real request through each stage, with a deadline, so a hung
+    server is noticed too. `failures_to_restart` consecutive failures trigger a restart (one slow probe under
+    load does not).
+A restart stops the whole server (SIGINT, then SIGKILL of its process group), removes its shared memory and
+starts it again on the same ports. At most `max_restarts` within `window_s`: beyond that the supervisor gives up,
+/health/live turns 503 and `serve` exits non-zero, so Kubernetes replaces the pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from stepaudio2.serving.health import PROBE_REQUEST, EndToEndCheck, HealthReport, HealthState, _probe_wav
+from stepaudio2.serving.launcher import ServerConfig, ServerError, TritonProcess
+
+log = logging.getLogger("stepaudio2.supervisor")
+
+STUB_COMM = "triton_python_b"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 characters)
+
+
+def stub_pids(server_pid: int) -> dict[int, str]:
+    """Python-backend stub processes of one tritonserver: {pid: model instance name from the command line}."""
+    found: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+            # A killed stub its server has not reaped yet is a zombie: dead all the same.
+            if int(ppid) != server_pid or comm != STUB_COMM or state in ("Z", "X"):
+                continue
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        name = next((a.decode(errors="replace") for a in args[1:] if a and not a.startswith(b"/")), "?")
+        found[int(proc.name)] = name
+    return found
+
+
+def instance_count(config: Path) -> int:
+    """Sum of instance_group counts in a config.pbtxt (1 when none is given)."""
+    counts = [int(n) for n in re.findall(r"count:\s*(\d+)", config.read_text(encoding="utf-8"))]
+    return sum(counts) or 1
+
+
+class Supervisor:
+    def __init__(self, cfg: ServerConfig, state: HealthState | None = None, *, interval_s: float = 2.0,
+                 probe_timeout_s: float = 10.0, failures_to_restart: int = 3, max_restarts: int = 5,
+                 window_s: float = 600.0, start_timeout_s: float = 300.0) -> None:
+        self.cfg = cfg
+        self.state = state or HealthState()
+        self.interval_s = interval_s
+        self.failures_to_restart = failures_to_restart
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.start_timeout_s = start_timeout_s
+        self.server = TritonProcess(cfg)
+        self.check: EndToEndCheck | None = None
+        self.probe_timeout_s = probe_timeout_s
+        self.stubs: dict[int, str] = {}
+        self.restart_times: list[float] = []
+        self.recoveries: list[float] = []  # seconds from noticing a failure to ready again
+
+    # ---- start, warm, restart -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.server.start(self.start_timeout_s)
+        speech = (self.cfg.runtime / "model_repository" / "token2wav").is_dir()
+        self.check = EndToEndCheck(f"{self.cfg.host}:{self.cfg.grpc_port}", speech, self.probe_timeout_s)
+        self.warm()
+        report = self.check.run()
+        if not report.ok:
+            raise ServerError(f"server started but the end-to-end check fails: {report.reason}")
+        self.stubs = stub_pids(self.server.proc.pid)
+        self.state.set(report, live=True)
+        log.info("ready: %d stubs, end-to-end check %.2f s", len(self.stubs),
+                 sum(s.seconds for s in report.stages))
+
+    def warm(self) -> None:
+        """First-request work of every pipeline instance before ready: one concurrent probe per instance, so
+        Triton hands one to each idle instance (the models warm themselves in initialize)."""
+        from stepaudio2_client import StepAudio2Client
+
+        n = instance_count(self.cfg.runtime / "ensemble" / "pipeline" / "config.pbtxt")
+        wav = _probe_wav()
+        url = f"{self.cfg.host}:{self.cfg.grpc_port}"
+
+        def one(_: int) -> None:
+            with StepAudio2Client(url) as client:
+                client.generate(PROBE_REQUEST, wav, timeout=120)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(one, range(n)))
+        log.info("warmed %d pipeline instances in %.2f s", n, time.perf_counter() - start)
+
+    def restart(self, reason: str) -> bool:
+        """Stop and start again on the same ports; False when the restart budget is spent."""
+        now = time.monotonic()
+        self.restart_times = [t for t in self.restart_times if now - t < self.window_s]
+        if len(self.restart_times) >= self.max_restarts:
+            log.error("giving up: %d restarts in %.0f s; last failure: %s", len(self.restart_times),
+                      self.window_s, reason)
+            self.state.set(live=False)
+            return False
+        self.restart_times.append(now)
+        self.state.restarts += 1
+        log.warning("restart %d (%d in window): %s", self.state.restarts, len(self.restart_times), reason)
+        t0 = time.perf_counter()
+        self.server.stop()
+        try:
+            self.start()
+        except Exception as exc:  # counted against the budget; the next check tries again
+            log.error("restart failed: %s: %s", type(exc).__name__, exc)
+            self.state.set(HealthReport(ok=False, checked_at=time.time(), reason=f"restart failed: {exc}"))
+            return True
+        self.recoveries.append(time.perf_counter() - t0)
+        log.info("recovered in %.1f s", self.recoveries[-1])
+        return True
+
+    # ---- watching ---------------------------------------------------------------------------------------------
+
+    def process_problem(self) -> str | None:
+        proc = self.server.proc
+        if proc is None or proc.poll() is not None:
+            return f"tritonserver exited ({None if proc is None else proc.returncode})"
+        alive = stub_pids(proc.pid)
+        gone = [f"{name} (pid {pid})" for pid, name in self.stubs.items() if pid not in alive]
+        if gone:
+            return "stub process died: " + ", ".join(gone)
+        return None
+
+    def watch(self, stopping: threading.Event) -> int:
+        """Check until `stopping` is set (returns 0) or the restart budget is spent (returns 1)."""
+        failures = 0
+        while not stopping.wait(self.interval_s):
+            problem = self.process_problem()
+            if problem is None:
+                report = self.check.run()
+                self.state.set(report)
+                if report.ok:
+                    failures = 0
+                    continue
+                failures += 1
+                log.warning("end-to-end check failed (%d/%d): %s", failures, self.failures_to_restart,
+                            report.reason)
+                if failures < self.failures_to_restart or stopping.is_set():
+                    continue
+                problem = f"end-to-end check failed {failures} times: {report.reason}"
+            self.state.set(HealthReport(ok=False, checked_at=time.time(), reason=problem))
+            failures = 0
+            if stopping.is_set():
+                break
+            if not self.restart(problem):
+                return 1
+        return 0
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def serve_supervised(cfg: ServerConfig, health_port: int = 8003, **options) -> int:
+    """`stepaudio2 serve`: start, warm, print the endpoints, watch and heal until SIGINT/SIGTERM/SIGHUP.
+    The server and its shared memory are removed on every way out of here."""
+    import signal
+
+    from stepaudio2.serving.health import serve_health
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state = HealthState()
+    httpd = serve_health(state, cfg.host, health_port)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.set())
+    sup = Supervisor(cfg, state, **options)
+    try:
+        sup.start()
+        print(f"ready: gRPC {cfg.host}:{cfg.grpc_port}  HTTP {cfg.host}:{cfg.http_port}  "
+              f"metrics http://{cfg.host}:{cfg.metrics_port}/metrics  "
+              f"health http://{cfg.host}:{health_port}/health/ready  (log {sup.server.log_path})", flush=True)
+        return sup.watch(stopping)
+    finally:
+        state.set(HealthReport(ok=False, checked_at=time.time(), reason="stopping"))
+        sup.stop()
+        httpd.shutdown()
+        print("stopped", flush=True)
