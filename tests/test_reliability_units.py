@@ -229,3 +229,74 @@ def test_stub_finder_sees_children_by_name(tmp_path: Path) -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+# ---- request limits ------------------------------------------------------------------------------------------
+
+
+def _wav_bytes(seconds: float, rate: int = 16000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(seconds * rate), np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_limits_come_from_config_parameters() -> None:
+    from stepaudio2.serving.limits import RequestLimits
+
+    lim = RequestLimits.from_parameters({"max_audio_seconds": "12.5", "max_text_chars": "10", "other": "x"})
+    assert lim.max_audio_seconds == 12.5 and lim.max_text_chars == 10 and lim.max_new_tokens == 4096
+
+
+@pytest.mark.parametrize(
+    ("limit", "under", "over"),
+    [
+        ("max_text_chars", ({"task": "chat", "text": "x" * 96}, None), ({"task": "chat", "text": "x" * 97}, None)),
+        ("max_new_tokens", ({"sampling": {"max_new_tokens": 50}}, None), ({"sampling": {"max_new_tokens": 51}}, None)),
+        ("max_audio_seconds", ({"task": "asr"}, _wav_bytes(2.0)), ({"task": "asr"}, _wav_bytes(2.1))),
+        ("max_audio_seconds", ({"task": "asr", "audio_format": {"sample_rate": 8000, "dtype": "int16"}}, bytes(32000)),
+         ({"task": "asr", "audio_format": {"sample_rate": 8000, "dtype": "int16"}}, bytes(32002))),
+        ("max_audio_bytes", ({"task": "asr", "audio_format": {"sample_rate": 10**7}}, bytes(10**6)),
+         ({"task": "asr", "audio_format": {"sample_rate": 10**7}}, bytes(10**6 + 2))),
+    ],
+)
+def test_each_limit_just_under_passes_and_just_over_names_it(limit, under, over) -> None:
+    from stepaudio2.serving.limits import RequestLimits, check_request
+
+    lim = RequestLimits(max_text_chars=100, max_new_tokens=50, max_audio_seconds=2.0, max_audio_bytes=10**6)
+    check_request(*under, None, lim)
+    with pytest.raises(InvalidInputError) as err:
+        check_request(*over, None, lim)
+    assert limit in str(err.value)
+
+
+def test_request_size_and_depth_limits() -> None:
+    from stepaudio2.serving.limits import RequestLimits, parse_request
+
+    lim = RequestLimits(max_request_bytes=100, max_json_depth=4)
+    assert parse_request(b'{"a": [[["x"]]]}', lim) == {"a": [[["x"]]]}
+    assert parse_request(b'{"a": "[[[[[[[[[[[[[[[["}', lim) == {"a": "[[[[[[[[[[[[[[[["}  # brackets in strings
+    with pytest.raises(InvalidInputError, match="max_json_depth=4"):
+        parse_request(b'{"a": [[[["x"]]]]}', lim)
+    with pytest.raises(InvalidInputError, match="max_json_depth"):
+        parse_request(b"[" * 100_000, RequestLimits(max_request_bytes=1 << 20))
+    with pytest.raises(InvalidInputError, match="max_request_bytes=100"):
+        parse_request(b'{"text": "' + b"x" * 100 + b'"}', lim)
+    with pytest.raises(InvalidInputError, match="not valid UTF-8 JSON"):
+        parse_request(b"{nope", lim)
+
+
+def test_unknown_audio_format_keys_and_truncated_wavs_are_refused() -> None:
+    from stepaudio2.serving.limits import RequestLimits, check_request, wav_truncated
+
+    with pytest.raises(InvalidInputError, match="unknown 'audio_format' key"):
+        check_request({"task": "asr", "audio_format": {"sample_rate": 16000, "rate": 8000}}, bytes(100), None,
+                      RequestLimits())
+    whole = _wav_bytes(1.0)
+    assert not wav_truncated(whole)
+    assert wav_truncated(whole[: len(whole) // 3])
+    with pytest.raises(InvalidInputError, match="truncated"):
+        check_request({"task": "asr"}, whole[:2000], None, RequestLimits())

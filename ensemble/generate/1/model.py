@@ -11,11 +11,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
-    json_value,
     optional_input,
     triton_error,
 )
@@ -27,16 +27,19 @@ class TritonPythonModel:
         llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
         self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
         self.stages = BlsStages(pb_utils)
+        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        self.limits = RequestLimits.from_parameters(params)
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             pcm: list[np.ndarray] = []
             try:
+                obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
+                audio = bytes_value(optional_input(pb_utils, request, "audio"))
+                check_request(obj, audio, None, self.limits)
                 payload = serve_request(
-                    self.tokenizer, self.stages,
-                    json_value(optional_input(pb_utils, request, "request"), "request"),
-                    bytes_value(optional_input(pb_utils, request, "audio")), None,
+                    self.tokenizer, self.stages, obj, audio, None,
                     lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
                     is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
                 )

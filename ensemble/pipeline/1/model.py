@@ -16,6 +16,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages, Cancelled
+from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.sessions import SessionStore
@@ -23,7 +24,6 @@ from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
-    json_value,
     optional_input,
     triton_error,
 )
@@ -44,6 +44,7 @@ class TritonPythonModel:
         self.sessions = SessionStore(Path(os.environ["STEPAUDIO2_RUNTIME"]) / "sessions",
                                      int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
+        self.limits = RequestLimits.from_parameters(params)
 
     def _locked(self, fn):
         with self.send_lock:
@@ -69,11 +70,12 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
         try:
+            obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
+            audio = bytes_value(optional_input(pb_utils, request, "audio"))
+            voice = _voice_bytes(optional_input(pb_utils, request, "voice"))
+            check_request(obj, audio, voice, self.limits)
             serve_request(
-                self.tokenizer, self.stages,
-                json_value(optional_input(pb_utils, request, "request"), "request"),
-                bytes_value(optional_input(pb_utils, request, "audio")),
-                _voice_bytes(optional_input(pb_utils, request, "voice")),
+                self.tokenizer, self.stages, obj, audio, voice,
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )
