@@ -4,6 +4,7 @@ Clients need inference, health, metadata and model config. Registering shared-me
 unloading models (model-repository), changing trace or log settings are operator actions: Triton's restricted
 protocols make them require a header with a secret this launcher generates per start and writes next to the
 runtime (mode 0600). Why: any client could otherwise register shared memory or unload the LLM.
+On HTTP, this Triton version has no such flag: that port is for the operator and must not be exposed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def write_admin_key(runtime: Path) -> Path:
 
 
 def protection_args() -> list[str]:
-    """tritonserver arguments that restrict the operator protocols on gRPC and HTTP."""
+    """tritonserver arguments that restrict the operator protocols on gRPC. Triton 2.51 (the nvidia-pytriton
+    binary) has no HTTP counterpart, so the HTTP port stays internal: loopback by default, and the chart does
+    not expose it (clients use gRPC; probes use the launcher's health port)."""
     spec = ",".join(RESTRICTED) + f":{ADMIN_HEADER}={admin_key()}"
-    return [f"--grpc-restricted-protocol={spec}", f"--http-restricted-protocol={spec}"]
+    return [f"--grpc-restricted-protocol={spec}"]

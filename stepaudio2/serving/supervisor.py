@@ -27,6 +27,7 @@ from stepaudio2.serving.launcher import ServerConfig, ServerError, TritonProcess
 log = logging.getLogger("stepaudio2.supervisor")
 
 STUB_COMM = "triton_python_b"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 characters)
+_INSTANCE = re.compile(rb"^[A-Za-z0-9_.-]+_\d+_\d+$")  # Triton's instance names: <model>_<group>_<index>
 
 
 def stub_pids(server_pid: int) -> dict[int, str]:
@@ -46,7 +47,8 @@ def stub_pids(server_pid: int) -> dict[int, str]:
             args = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
             continue
-        name = next((a.decode(errors="replace") for a in args[1:] if a and not a.startswith(b"/")), "?")
+        # argv: stub, model.py, shm region, sizes, parent pid, backend dir, ipc size, instance name, ...
+        name = next((a.decode(errors="replace") for a in args[1:] if _INSTANCE.match(a)), "?")
         found[int(proc.name)] = name
     return found
 
@@ -68,9 +70,14 @@ class Supervisor:
         self.max_restarts = max_restarts
         self.window_s = window_s
         self.start_timeout_s = start_timeout_s
+        # Explicit model control, so one broken model can be reloaded in place (seconds) instead of restarting
+        # the whole server (minutes on a small CPU). The repository API is restricted to our admin key.
+        if not any(a.startswith("--model-control-mode") for a in cfg.extra_args):
+            cfg.extra_args = [*cfg.extra_args, "--model-control-mode=explicit", "--load-model=*"]
         self.server = TritonProcess(cfg)
         self.check: EndToEndCheck | None = None
         self.probe_timeout_s = probe_timeout_s
+        self.reload_timeout_s = 120.0
         self.stubs: dict[int, str] = {}
         self.restart_times: list[float] = []
         self.recoveries: list[float] = []  # seconds from noticing a failure to ready again
@@ -81,6 +88,10 @@ class Supervisor:
         self.server.start(self.start_timeout_s)
         speech = (self.cfg.runtime / "model_repository" / "token2wav").is_dir()
         self.check = EndToEndCheck(f"{self.cfg.host}:{self.cfg.grpc_port}", speech, self.probe_timeout_s)
+        self.after_start()
+
+    def after_start(self) -> None:
+        """Warm, check end to end, and take the stubs running now as the ones to watch."""
         self.warm()
         report = self.check.run()
         if not report.ok:
@@ -108,19 +119,64 @@ class Supervisor:
             list(pool.map(one, range(n)))
         log.info("warmed %d pipeline instances in %.2f s", n, time.perf_counter() - start)
 
-    def restart(self, reason: str) -> bool:
-        """Stop and start again on the same ports; False when the restart budget is spent."""
+    def reload(self, models: list[str]) -> bool:
+        """Reload models through Triton's repository API (new stubs replace dead ones); False if any failed."""
+        import urllib.request
+
+        for model in models:
+            url = f"http://{self.cfg.host}:{self.cfg.http_port}/v2/repository/models/{model}/load"
+            t0 = time.perf_counter()
+            try:
+                req = urllib.request.Request(url, data=b"{}", method="POST",
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=self.reload_timeout_s) as resp:
+                    resp.read()
+            except Exception as exc:
+                log.error("reload of %s failed after %.1f s: %s: %s", model, time.perf_counter() - t0,
+                          type(exc).__name__, exc)
+                return False
+            log.info("reloaded %s in %.1f s", model, time.perf_counter() - t0)
+        return True
+
+    def heal(self, reason: str, dead_models: list[str]) -> bool:
+        """Reload the dead models when that is enough, else restart the server; False once the budget is spent."""
+        if not self._spend(reason):
+            return False
+        t0 = time.perf_counter()
+        if dead_models:
+            # A dead pipeline instance can leave the LLM's sender thread blocked on it: reload the LLM first.
+            order = (["llm"] if "pipeline" in dead_models and "llm" not in dead_models else []) + dead_models
+            order = sorted(set(order), key=lambda m: (m not in ("llm", "token2wav", "voice_prompt",
+                                                                  "audio_encoder"), order.index(m)))
+            log.warning("reloading %s: %s", ", ".join(order), reason)
+            if self.reload(order):
+                try:
+                    self.after_start()
+                    self.recoveries.append(time.perf_counter() - t0)
+                    log.info("recovered by reload in %.1f s", self.recoveries[-1])
+                    return True
+                except Exception as exc:
+                    log.error("still broken after reload: %s: %s", type(exc).__name__, exc)
+        return self.restart(reason, spent=True, t0=t0)
+
+    def _spend(self, reason: str) -> bool:
         now = time.monotonic()
         self.restart_times = [t for t in self.restart_times if now - t < self.window_s]
         if len(self.restart_times) >= self.max_restarts:
-            log.error("giving up: %d restarts in %.0f s; last failure: %s", len(self.restart_times),
+            log.error("giving up: %d recoveries in %.0f s; last failure: %s", len(self.restart_times),
                       self.window_s, reason)
             self.state.set(live=False)
             return False
         self.restart_times.append(now)
         self.state.restarts += 1
+        return True
+
+    def restart(self, reason: str, spent: bool = False, t0: float | None = None) -> bool:
+        """Stop and start again on the same ports; False when the restart budget is spent."""
+        if not spent and not self._spend(reason):
+            return False
         log.warning("restart %d (%d in window): %s", self.state.restarts, len(self.restart_times), reason)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         self.server.stop()
         try:
             self.start()
@@ -134,21 +190,24 @@ class Supervisor:
 
     # ---- watching ---------------------------------------------------------------------------------------------
 
-    def process_problem(self) -> str | None:
+    def process_problem(self) -> tuple[str, list[str]] | None:
+        """(what is wrong, models whose stubs died) or None; no models means the server itself is gone."""
         proc = self.server.proc
         if proc is None or proc.poll() is not None:
-            return f"tritonserver exited ({None if proc is None else proc.returncode})"
+            return f"tritonserver exited ({None if proc is None else proc.returncode})", []
         alive = stub_pids(proc.pid)
-        gone = [f"{name} (pid {pid})" for pid, name in self.stubs.items() if pid not in alive]
+        gone = {pid: name for pid, name in self.stubs.items() if pid not in alive}
         if gone:
-            return "stub process died: " + ", ".join(gone)
+            models = sorted({name.rsplit("_", 2)[0] for name in gone.values()})
+            return "stub process died: " + ", ".join(f"{n} (pid {p})" for p, n in gone.items()), models
         return None
 
     def watch(self, stopping: threading.Event) -> int:
         """Check until `stopping` is set (returns 0) or the restart budget is spent (returns 1)."""
         failures = 0
         while not stopping.wait(self.interval_s):
-            problem = self.process_problem()
+            found = self.process_problem()
+            problem, dead_models = found if found else (None, [])
             if problem is None:
                 report = self.check.run()
                 self.state.set(report)
@@ -165,7 +224,7 @@ class Supervisor:
             failures = 0
             if stopping.is_set():
                 break
-            if not self.restart(problem):
+            if not self.heal(problem, [m for m in dead_models if m != "?"]):
                 return 1
         return 0
 
@@ -180,7 +239,12 @@ def serve_supervised(cfg: ServerConfig, health_port: int = 8003, **options) -> i
 
     from stepaudio2.serving.health import serve_health
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Our loggers only: the exporter's libraries are chatty at INFO.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("stepaudio2")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     state = HealthState()
     httpd = serve_health(state, cfg.host, health_port)
     stopping = threading.Event()

@@ -19,6 +19,7 @@ from stepaudio2.serving.triton_utils import (
     optional_input,
     triton_error,
 )
+from stepaudio2.serving.warm import warm_pipeline
 from stepaudio2.text import StepAudio2Tokenizer
 
 
@@ -29,6 +30,7 @@ class TritonPythonModel:
         self.stages = BlsStages(pb_utils)
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.limits = RequestLimits.from_parameters(params)
+        pb_utils.Logger.log_info(f"{args['model_instance_name']}: warmed in {warm_pipeline(self.tokenizer):.2f} s")
 
     def execute(self, requests: list) -> list:
         responses = []

@@ -27,6 +27,7 @@ from stepaudio2.serving.triton_utils import (
     optional_input,
     triton_error,
 )
+from stepaudio2.serving.warm import warm_pipeline
 from stepaudio2.text import StepAudio2Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -45,6 +46,7 @@ class TritonPythonModel:
                                      int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
         self.limits = RequestLimits.from_parameters(params)
+        pb_utils.Logger.log_info(f"{args['model_instance_name']}: warmed in {warm_pipeline(self.tokenizer):.2f} s")
 
     def _locked(self, fn):
         with self.send_lock:
