@@ -129,5 +129,5 @@ def remove_stale(shm_dir: Path = SHM_DIR) -> list[str]:
         except FileNotFoundError:
             pass
     if removed:
-        log.info("removed %d stale shared-memory regions of dead launchers: %s", len(removed), ", ".join(removed))
+        log.info("removed %d stale shared-memory regions of dead launchers (%s, ...)", len(removed), removed[0])
     return removed

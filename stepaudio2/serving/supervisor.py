@@ -252,7 +252,12 @@ def serve_supervised(cfg: ServerConfig, health_port: int = 8003, **options) -> i
         signal.signal(sig, lambda *_: stopping.set())
     sup = Supervisor(cfg, state, **options)
     try:
-        sup.start()
+        try:
+            sup.start()
+        except ServerError as exc:  # e.g. this Triton's Python backend aborting while 24 stubs start at once
+            log.error("start failed: %s", str(exc).splitlines()[0])
+            if not sup.restart(f"start failed: {str(exc).splitlines()[0]}"):
+                return 1
         print(f"ready: gRPC {cfg.host}:{cfg.grpc_port}  HTTP {cfg.host}:{cfg.http_port}  "
               f"metrics http://{cfg.host}:{cfg.metrics_port}/metrics  "
               f"health http://{cfg.host}:{health_port}/health/ready  (log {sup.server.log_path})", flush=True)
