@@ -68,3 +68,18 @@ def json_value(array: np.ndarray | None, name: str) -> Any:
 def bytes_tensor(pb_utils: Any, name: str, value: str | bytes):
     data = value.encode("utf-8") if isinstance(value, str) else value
     return pb_utils.Tensor(name, np.array([data], dtype=np.object_))
+
+
+def log_failure(pb_utils: Any, stage: str, request: Any, exc: BaseException, started: float | None = None) -> None:
+    """One line per failed request through Triton's logger: request id, stage, error class, duration.
+    Input errors are INFO (the client's fault), everything else ERROR."""
+    import time
+
+    try:
+        request_id = request.request_id() or "-"
+    except Exception:  # a request object that cannot say its id must not hide the failure
+        request_id = "-"
+    took = "" if started is None else f" after {time.perf_counter() - started:.3f} s"
+    line = f"request {request_id} failed in {stage}{took}: {type(exc).__name__}: {str(exc)[:300]}"
+    logger = pb_utils.Logger
+    (logger.log_info if isinstance(exc, InvalidInputError) else logger.log_error)(line)

@@ -16,6 +16,7 @@ from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    log_failure,
     optional_input,
     triton_error,
 )
@@ -51,5 +52,6 @@ class TritonPythonModel:
                     pb_utils.Tensor("audio_out", audio.astype(np.float32)),
                 ]))
             except Exception as exc:
+                log_failure(pb_utils, "generate", request, exc)
                 responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         return responses

@@ -24,6 +24,7 @@ from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    log_failure,
     optional_input,
     triton_error,
 )
@@ -87,6 +88,7 @@ class TritonPythonModel:
             with lock:
                 sender.send(flags=FINAL)
         except Exception as exc:
+            log_failure(pb_utils, "pipeline", request, exc, arrived)
             with lock:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
         finally:

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 from stepaudio2.audio import pad_mels
 from stepaudio2.config import load_config
 from stepaudio2.engines.runners import make_runner
-from stepaudio2.serving.triton_utils import required_input, triton_error
+from stepaudio2.serving.triton_utils import log_failure, required_input, triton_error
 from stepaudio2.serving.validation import check_mel
 
 
@@ -53,6 +53,7 @@ class TritonPythonModel:
                 check_mel(mel, length, self.n_mels, self.max_frames)
                 parsed.append((i, mel[0], length))
             except Exception as exc:
+                log_failure(pb_utils, "audio_encoder", request, exc)
                 responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
         if not parsed:
             return responses
@@ -67,7 +68,6 @@ class TritonPythonModel:
                 try:
                     responses[i] = self._respond(self._run([mel], [length]), 0)
                 except Exception as exc:
-                    pb_utils.Logger.log_error(f"audio_encoder: request {requests[i].request_id()!r} failed: "
-                                              f"{type(exc).__name__}: {exc}")
+                    log_failure(pb_utils, "audio_encoder", requests[i], exc)
                     responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
         return responses

@@ -19,6 +19,7 @@ from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    log_failure,
     optional_input,
     required_input,
     triton_error,
@@ -145,6 +146,7 @@ class TritonPythonModel:
                 try:
                     pending.append(self._submit(request))
                 except Exception as exc:
+                    log_failure(pb_utils, "token2wav", request, exc)
                     pending.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         self._gauges()
         responses = []

@@ -13,7 +13,13 @@ import triton_python_backend_utils as pb_utils
 
 from stepaudio2.audio import decode_audio
 from stepaudio2.errors import InvalidInputError
-from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, optional_input, triton_error
+from stepaudio2.serving.triton_utils import (
+    bytes_tensor,
+    bytes_value,
+    log_failure,
+    optional_input,
+    triton_error,
+)
 from stepaudio2.token2wav.prompt import VoicePrompt, VoicePromptEncoder, default_voice_path
 
 
@@ -76,5 +82,6 @@ class TritonPythonModel:
                     pb_utils.Tensor("prompt_xvector", np.asarray(p.xvector, np.float32)),
                 ]))
             except Exception as exc:
+                log_failure(pb_utils, "voice_prompt", request, exc)
                 responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         return responses
