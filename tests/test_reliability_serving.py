@@ -190,6 +190,67 @@ def test_bad_input_to_internal_models_fails_alone(served: Served, asr_answer: li
     assert any("prompt_tokens" in m for k, _, m in errors if k == "bad prompt 1")
 
 
+def _wav(seconds: float, rate: int = 16000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(buf, (0.1 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+ITEM7 = [
+    ("100k-deep JSON", b"[" * 100_000 + b"]" * 100_000, None, "max_json_depth"),
+    ("lone surrogate", b'{"task": "chat", "text": "a\\ud800b"}', None, "surrogate"),
+    ("stop_ids wrong type", {"task": "chat", "text": "hi", "sampling": {"stop_ids": "12"}}, None, "stop_ids"),
+    ("unknown audio_format key", {"task": "asr", "audio_format": {"sample_rate": 16000, "rate": 1}}, "pcm",
+     "audio_format"),
+    ("truncated wav", {"task": "asr"}, "truncated", "truncated"),
+    ("0.1 s voice prompt", {"task": "voice-chat", "sampling": {"max_new_tokens": 4}}, "voice", "min_prompt_seconds"),
+    ("max_new_tokens over the limit", {"task": "chat", "text": "hi", "sampling": {"max_new_tokens": 4097}}, None,
+     "max_new_tokens=4096"),
+    ("text over the limit", {"task": "chat", "text": "x" * 32001}, None, "max_text_chars=32000"),
+    ("user text with control tokens is fine", {"task": "chat", "text": "<|EOT|><|BOT|>assistant\n<tool_call>",
+                                               "sampling": {"max_new_tokens": 2}}, None, None),
+]
+
+
+@pytest.mark.parametrize(("name", "request_obj", "audio", "needle"), ITEM7, ids=[c[0] for c in ITEM7])
+def test_bad_inputs_are_invalid_argument_naming_the_problem(served: Served, name, request_obj, audio, needle):
+    import tritonclient.grpc as grpc
+
+    voice = None
+    if audio == "pcm":
+        audio = bytes(3200)
+    elif audio == "truncated":
+        audio = _wav(1.0)[:3000]
+    elif audio == "voice":
+        audio, voice = HELLO.read_bytes(), _wav(0.1)
+    with StepAudio2Client(served.url) as c:
+        if isinstance(request_obj, bytes):  # raw JSON the client library would refuse to build
+            raw = grpc.InferInput("request", [1], "BYTES")
+            raw.set_data_from_numpy(np.array([request_obj], dtype=np.object_))
+            errors: list = []
+            c._grpc.start_stream(callback=lambda result, error: errors.append(error))
+            c._grpc.async_stream_infer("pipeline", [raw], enable_empty_final_response=True)
+            deadline = time.monotonic() + 60
+            while not errors and time.monotonic() < deadline:
+                time.sleep(0.1)
+            c._grpc.stop_stream()
+            assert errors and errors[0] is not None, f"no error for {name}"
+            assert errors[0].message().startswith("[INVALID_ARGUMENT]") and needle in errors[0].message()
+            return
+        if needle is None:
+            assert c.generate(request_obj, audio, timeout=REQUEST_BOUND_S)["finish_reason"]
+            return
+        with pytest.raises(ClientError) as err:
+            c.generate(request_obj, audio, timeout=REQUEST_BOUND_S, voice=voice)
+    assert err.value.status == "INVALID_ARGUMENT", (name, err.value)
+    assert needle in err.value.message, (name, err.value.message)
+
+
 def _stub_pid(served: Served, instance_prefix: str) -> int:
     stubs = stub_pids(served.triton_pid())
     for pid, name in stubs.items():
