@@ -31,7 +31,7 @@ class TritonPythonModel:
         self.stages = BlsStages(pb_utils)
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.limits = RequestLimits.from_parameters(params)
-        pb_utils.Logger.log_info(f"{args['model_instance_name']}: warmed in {warm_pipeline(self.tokenizer):.2f} s")
+        warm_pipeline(self.tokenizer)
 
     def execute(self, requests: list) -> list:
         responses = []

@@ -47,7 +47,7 @@ class TritonPythonModel:
                                      int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
         self.limits = RequestLimits.from_parameters(params)
-        pb_utils.Logger.log_info(f"{args['model_instance_name']}: warmed in {warm_pipeline(self.tokenizer):.2f} s")
+        warm_pipeline(self.tokenizer)
 
     def _locked(self, fn):
         with self.send_lock:

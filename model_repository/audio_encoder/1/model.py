@@ -62,8 +62,8 @@ class TritonPythonModel:
             for row, (i, _, _) in enumerate(parsed):
                 responses[i] = self._respond(out, row)
         except Exception as batch_exc:
-            pb_utils.Logger.log_warn(f"audio_encoder: batch of {len(parsed)} failed "
-                                     f"({type(batch_exc).__name__}); retrying each item alone")
+            log_failure(pb_utils, f"audio_encoder (batch of {len(parsed)}, retrying each item alone)",
+                        requests[parsed[0][0]], batch_exc)
             for i, mel, length in parsed:
                 try:
                     responses[i] = self._respond(self._run([mel], [length]), 0)
