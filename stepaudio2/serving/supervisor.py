@@ -232,6 +232,10 @@ class Supervisor:
         self.server.stop()
 
 
+class _Stop(BaseException):
+    """A stop signal that arrived while the server was starting."""
+
+
 def serve_supervised(cfg: ServerConfig, health_port: int = 8003, **options) -> int:
     """`stepaudio2 serve`: start, warm, print the endpoints, watch and heal until SIGINT/SIGTERM/SIGHUP.
     The server and its shared memory are removed on every way out of here."""
@@ -248,8 +252,13 @@ def serve_supervised(cfg: ServerConfig, health_port: int = 8003, **options) -> i
     state = HealthState()
     httpd = serve_health(state, cfg.host, health_port)
     stopping = threading.Event()
+
+    def interrupt(*_) -> None:  # while starting: leave start() at once (the finally below cleans up)
+        stopping.set()
+        raise _Stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, interrupt)
     sup = Supervisor(cfg, state, **options)
     try:
         try:
@@ -258,10 +267,14 @@ def serve_supervised(cfg: ServerConfig, health_port: int = 8003, **options) -> i
             log.error("start failed: %s", str(exc).splitlines()[0])
             if not sup.restart(f"start failed: {str(exc).splitlines()[0]}"):
                 return 1
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # while watching: finish the current check
+            signal.signal(sig, lambda *_: stopping.set())
         print(f"ready: gRPC {cfg.host}:{cfg.grpc_port}  HTTP {cfg.host}:{cfg.http_port}  "
               f"metrics http://{cfg.host}:{cfg.metrics_port}/metrics  "
               f"health http://{cfg.host}:{health_port}/health/ready  (log {sup.server.log_path})", flush=True)
         return sup.watch(stopping)
+    except _Stop:
+        return 0
     finally:
         state.set(HealthReport(ok=False, checked_at=time.time(), reason="stopping"))
         sup.stop()
