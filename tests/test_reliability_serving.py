@@ -85,16 +85,18 @@ def served(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory)
             stdout=out, stderr=subprocess.STDOUT)
     SPAWNED_LAUNCHERS.add(proc.pid)
     s = Served(proc, grpc_port, health_port, log)
+    s.runtime = runtime
     deadline = time.monotonic() + 900
-    while s.health()[0] != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("serve did not become ready:\n" + log.read_text(errors="replace")[-4000:])
-        time.sleep(0.5)
-    yield s
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    try:
+        while s.health()[0] != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("serve did not become ready:\n" + log.read_text(errors="replace")[-4000:])
+            time.sleep(0.5)
+        yield s
+    finally:  # also when start-up failed or was interrupted: serve cleans up on SIGTERM
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(90)
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +251,26 @@ def test_bad_inputs_are_invalid_argument_naming_the_problem(served: Served, name
             c.generate(request_obj, audio, timeout=REQUEST_BOUND_S, voice=voice)
     assert err.value.status == "INVALID_ARGUMENT", (name, err.value)
     assert needle in err.value.message, (name, err.value.message)
+
+
+def test_operator_protocols_need_the_admin_key(served: Served) -> None:
+    """Shared-memory registration and model load/unload are refused on gRPC without the launcher's key."""
+    from stepaudio2.serving.protection import ADMIN_HEADER
+
+    g = grpcclient.InferenceServerClient(served.url)
+    try:
+        for call in (lambda: g.get_system_shared_memory_status(),
+                     lambda: g.register_system_shared_memory("probe", "/stepaudio2_probe", 64),
+                     lambda: g.unload_model("llm")):
+            with pytest.raises(InferenceServerException) as err:
+                call()
+            assert "restricted" in (err.value.message() or "").lower(), err.value.message()
+        key = (served.runtime / "admin.key").read_text().strip()
+        assert (served.runtime / "admin.key").stat().st_mode & 0o777 == 0o600
+        g.get_system_shared_memory_status(headers={ADMIN_HEADER: key})  # the operator may
+        assert g.is_model_ready("llm")  # and nothing was unloaded
+    finally:
+        g.close()
 
 
 def _stub_pid(served: Served, instance_prefix: str) -> int:

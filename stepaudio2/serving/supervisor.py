@@ -110,14 +110,19 @@ class Supervisor:
         wav = _probe_wav()
         url = f"{self.cfg.host}:{self.cfg.grpc_port}"
 
-        def one(_: int) -> None:
-            with StepAudio2Client(url) as client:
-                client.generate(PROBE_REQUEST, wav, timeout=120)
+        def one(_: int) -> str | None:
+            try:
+                with StepAudio2Client(url) as client:
+                    client.generate(PROBE_REQUEST, wav, timeout=300)
+                return None
+            except Exception as exc:  # best effort: the end-to-end check that follows decides
+                return f"{type(exc).__name__}: {exc}"
 
         start = time.perf_counter()
         with ThreadPoolExecutor(n) as pool:
-            list(pool.map(one, range(n)))
-        log.info("warmed %d pipeline instances in %.2f s", n, time.perf_counter() - start)
+            failed = [e for e in pool.map(one, range(n)) if e]
+        log.info("warmed %d pipeline instances in %.2f s%s", n, time.perf_counter() - start,
+                 f" ({len(failed)} failed: {failed[0]})" if failed else "")
 
     def reload(self, models: list[str]) -> bool:
         """Reload models through Triton's repository API (new stubs replace dead ones); False if any failed."""

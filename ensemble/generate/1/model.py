@@ -20,7 +20,6 @@ from stepaudio2.serving.triton_utils import (
     optional_input,
     triton_error,
 )
-from stepaudio2.serving.warm import warm_pipeline
 from stepaudio2.text import StepAudio2Tokenizer
 
 
@@ -31,7 +30,6 @@ class TritonPythonModel:
         self.stages = BlsStages(pb_utils)
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.limits = RequestLimits.from_parameters(params)
-        warm_pipeline(self.tokenizer)
 
     def execute(self, requests: list) -> list:
         responses = []

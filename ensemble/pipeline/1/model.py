@@ -28,7 +28,6 @@ from stepaudio2.serving.triton_utils import (
     optional_input,
     triton_error,
 )
-from stepaudio2.serving.warm import warm_pipeline
 from stepaudio2.text import StepAudio2Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -47,7 +46,6 @@ class TritonPythonModel:
                                      int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
         self.limits = RequestLimits.from_parameters(params)
-        warm_pipeline(self.tokenizer)
 
     def _locked(self, fn):
         with self.send_lock:
