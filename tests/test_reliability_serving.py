@@ -257,7 +257,7 @@ def test_bad_inputs_are_invalid_argument_naming_the_problem(served: Served, name
 
 def test_operator_protocols_need_the_admin_key(served: Served) -> None:
     """Shared-memory registration and model load/unload are refused on gRPC without the launcher's key."""
-    from stepaudio2.serving.protection import ADMIN_HEADER
+    from stepaudio2.serving.protection import ADMIN_HEADER_GRPC
 
     g = grpcclient.InferenceServerClient(served.url)
     try:
@@ -269,7 +269,7 @@ def test_operator_protocols_need_the_admin_key(served: Served) -> None:
             assert "restricted" in (err.value.message() or "").lower(), err.value.message()
         key = (served.runtime / "admin.key").read_text().strip()
         assert (served.runtime / "admin.key").stat().st_mode & 0o777 == 0o600
-        g.get_system_shared_memory_status(headers={ADMIN_HEADER: key})  # the operator may
+        g.get_system_shared_memory_status(headers={ADMIN_HEADER_GRPC: key})  # the operator may
         assert g.is_model_ready("llm")  # and nothing was unloaded
     finally:
         g.close()

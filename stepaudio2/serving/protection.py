@@ -14,6 +14,8 @@ import secrets
 from pathlib import Path
 
 ADMIN_HEADER = "stepaudio2-admin-key"
+# What a gRPC client sends: Triton prefixes the configured key with "triton-grpc-protocol-".
+ADMIN_HEADER_GRPC = "triton-grpc-protocol-" + ADMIN_HEADER
 RESTRICTED = ("shared-memory", "model-repository", "trace", "logging")
 
 _key: str | None = None
