@@ -30,7 +30,7 @@ def admin_key() -> str:
 
 
 def write_admin_key(runtime: Path) -> Path:
-    """Store the key for the operator (`curl -H "stepaudio2-admin-key: $(cat KEYFILE)" ...`)."""
+    """Store the key for the operator (gRPC header `triton-grpc-protocol-stepaudio2-admin-key`)."""
     path = runtime / "admin.key"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
