@@ -332,8 +332,16 @@ def test_kill_during_traffic_recovers(served: Served, asr_answer: list[int], vic
     assert not any(w.is_alive() for w in workers), "a client request hung"
     assert all(seconds < REQUEST_BOUND_S for _, seconds in outcomes), outcomes
     assert "WRONG" not in [kind for kind, _ in outcomes], outcomes
-    # The dead server's regions are gone (restart removed them), the new server's are in place.
-    assert not (Path("/dev/shm") / old_prefix).exists()
+    if victim == "tritonserver":  # restarted: the dead server's regions are gone, the new server's in place
+        assert not (Path("/dev/shm") / old_prefix).exists()
+        assert shm.regions(shm.process_prefix(served.proc.pid))
+    # every stub is back (a reload that kept a dead instance would leave requests failing on it)
+    assert served.health()[0] == 200
+    assert all(kind in ("ok", "UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED", "DEADLINE_EXCEEDED")
+               for kind, _ in outcomes)
+    with StepAudio2Client(served.url) as c:
+        answers = [c.generate(ASR, HELLO.read_bytes(), timeout=60)["token_ids"] for _ in range(20)]
+    assert answers == [asr_answer] * 20
 
 
 def test_sigterm_of_serve_removes_its_shared_memory(served: Served) -> None:

@@ -79,6 +79,7 @@ class Supervisor:
         self.probe_timeout_s = probe_timeout_s
         self.reload_timeout_s = 120.0
         self.stubs: dict[int, str] = {}
+        self.expected_stubs: int | None = None  # stub count of the first good start
         self.restart_times: list[float] = []
         self.recoveries: list[float] = []  # seconds from noticing a failure to ready again
 
@@ -97,6 +98,10 @@ class Supervisor:
         if not report.ok:
             raise ServerError(f"server started but the end-to-end check fails: {report.reason}")
         self.stubs = stub_pids(self.server.proc.pid)
+        if self.expected_stubs is None:
+            self.expected_stubs = len(self.stubs)
+        elif len(self.stubs) < self.expected_stubs:
+            raise ServerError(f"{len(self.stubs)} stubs running, {self.expected_stubs} expected")
         self.state.set(report, live=True)
         log.info("ready: %d stubs, end-to-end check %.2f s", len(self.stubs),
                  sum(s.seconds for s in report.stages))
@@ -129,13 +134,15 @@ class Supervisor:
         import urllib.request
 
         for model in models:
-            url = f"http://{self.cfg.host}:{self.cfg.http_port}/v2/repository/models/{model}/load"
+            base = f"http://{self.cfg.host}:{self.cfg.http_port}/v2/repository/models/{model}"
             t0 = time.perf_counter()
             try:
-                req = urllib.request.Request(url, data=b"{}", method="POST",
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.reload_timeout_s) as resp:
-                    resp.read()
+                # Unload first: a load of an already loaded, unchanged model is a no-op and keeps the dead stub.
+                for action in ("unload", "load"):
+                    req = urllib.request.Request(f"{base}/{action}", data=b"{}", method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=self.reload_timeout_s) as resp:
+                        resp.read()
             except Exception as exc:
                 log.error("reload of %s failed after %.1f s: %s: %s", model, time.perf_counter() - t0,
                           type(exc).__name__, exc)
