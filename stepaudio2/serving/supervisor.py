@@ -91,13 +91,14 @@ class Supervisor:
         self.check = EndToEndCheck(f"{self.cfg.host}:{self.cfg.grpc_port}", speech, self.probe_timeout_s)
         self.after_start()
 
-    def after_start(self) -> None:
-        """Warm, check end to end, and take the stubs running now as the ones to watch."""
+    def after_start(self, retiring: frozenset[int] = frozenset()) -> None:
+        """Warm, check end to end, and take the stubs running now as the ones to watch (`retiring`: stubs of
+        unloaded instances that may still be exiting; they are not watched)."""
         self.warm()
         report = self.check.run()
         if not report.ok:
             raise ServerError(f"server started but the end-to-end check fails: {report.reason}")
-        self.stubs = stub_pids(self.server.proc.pid)
+        self.stubs = {p: n for p, n in stub_pids(self.server.proc.pid).items() if p not in retiring}
         if self.expected_stubs is None:
             self.expected_stubs = len(self.stubs)
         elif len(self.stubs) < self.expected_stubs:
@@ -161,9 +162,10 @@ class Supervisor:
             order = sorted(set(order), key=lambda m: (m not in ("llm", "token2wav", "voice_prompt",
                                                                   "audio_encoder"), order.index(m)))
             log.warning("reloading %s: %s", ", ".join(order), reason)
+            retiring = frozenset(p for p, n in self.stubs.items() if n.rsplit("_", 2)[0] in order)
             if self.reload(order):
                 try:
-                    self.after_start()
+                    self.after_start(retiring)
                     self.recoveries.append(time.perf_counter() - t0)
                     log.info("recovered by reload in %.1f s", self.recoveries[-1])
                     return True
