@@ -71,16 +71,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from stepaudio2.speech import SpeechOutput
 
         speech = SpeechOutput(args.checkpoint, args.voice, engine=args.engine, repository=args.repository)
-    request = GenerationRequest(
-        task=args.task,
-        text=args.text,
-        audio=load_audio_input(args.audio) if args.audio else None,
-        tools=_load_tools(args.tools),
-        speed=args.speed,
-        voice=args.voice_style,
-        target_language=args.target_language,
-        sampling=sampling_from_args(args, args.task),
-    )
+    if args.messages:
+        from stepaudio2.upstream_messages import load_messages_file
+
+        if args.audio or args.text:
+            from stepaudio2.errors import InvalidInputError
+
+            raise InvalidInputError("--messages carries the whole conversation: drop --audio/--text")
+        messages, generation, clips = load_messages_file(args.messages)
+        tools = _load_tools(args.tools)
+        if tools:  # as upstream's vLLM template places them: right after the system turn
+            at = 1 if messages and messages[0].get("role") == "system" else 0
+            messages.insert(at, {"role": "tool_json_schemas", "content": tools})
+        preset = "voice-chat" if generation == "speech" else "chat"  # sampling defaults of the matching preset
+        request = GenerationRequest(task=None, messages=messages, generation=generation, audios=clips,
+                                    sampling=sampling_from_args(args, preset), think=args.think)
+    else:
+        request = GenerationRequest(
+            task=args.task,
+            text=args.text,
+            audio=load_audio_input(args.audio) if args.audio else None,
+            tools=_load_tools(args.tools),
+            speed=args.speed,
+            voice=args.voice_style,
+            target_language=args.target_language,
+            sampling=sampling_from_args(args, args.task),
+            think=args.think,
+            today=args.today,
+        )
     result, pcm, first_audio = None, [], None
     items = pipe.stream(request)
     if speech is not None and args.stream:
@@ -153,9 +171,17 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stepaudio2.serving.launcher import ServerConfig
+    from stepaudio2.serving.gateway_process import start_gateway
+    from stepaudio2.serving.launcher import ServerConfig, check_config
+    from stepaudio2.serving.model_config import parse_setting
     from stepaudio2.serving.supervisor import serve_supervised
 
+    settings: dict[str, dict[str, str]] = {}
+    for text in args.settings:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
+    probe = ServerConfig(checkpoint=Path(), runtime=Path(args.runtime), model_parameters=settings)
+    check_config(probe)  # unknown models/keys fail here, before the checkpoint is built or anything starts
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is None:  # embedded default: the taught tiny checkpoint (built once, cached by its inputs)
         from stepaudio2.export.taught import ensure_taught_checkpoint
@@ -166,8 +192,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
         extra_args=list(args.triton_args) + [f"--trace-config={t}" for t in args.trace],
+        model_parameters=settings,
     )
-    return serve_supervised(cfg, args.health_port, max_restarts=args.max_restarts)
+    # The gateway lives across the supervisor's in-place Triton restarts: it only needs the gRPC port.
+    gateway = None if args.no_gateway else start_gateway(cfg, args.gateway_port)  # OpenAI-compatible HTTP door
+    try:
+        return serve_supervised(cfg, args.health_port, max_restarts=args.max_restarts)
+    finally:
+        if gateway is not None:
+            gateway.stop()
 
 
 def _load_tools(spec: str | None) -> list[dict] | None:
@@ -197,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", default="chat")
     p.add_argument("--audio", help="input wav (any rate; stereo uses channel 0)")
+    p.add_argument("--today", help="ISO date for the tool persona's date line (default: today)")
+    p.add_argument("--think", action="store_true",
+                   help="think mode (upstream examples-think): the model reasons first; the reasoning is returned "
+                        "as `reasoning` and never spoken")
+    p.add_argument("--messages", help="a whole conversation in upstream's message format (JSON file; audio items "
+                                      "name wav files); replaces --task/--text/--audio")
     p.add_argument("--text", help="text input (the human turn)")
     p.add_argument("--tools", help="'web_search' or a JSON file with OpenAI-style tool schemas")
     p.add_argument("--speed", choices=["slow", "normal", "fast"])
@@ -237,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton trace setting, repeatable, passed as --trace-config (e.g. --trace mode=opentelemetry "
                         "--trace opentelemetry,url=http://collector:4318/v1/traces --trace rate=100 "
                         "--trace level=TIMESTAMPS)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="set a config.pbtxt parameter of a model, repeatable (e.g. --set token2wav.batching=false);"
+                        " see README 'Model parameters'")
+    p.add_argument("--gateway-port", type=int, default=8080, help="OpenAI-compatible HTTP gateway port")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

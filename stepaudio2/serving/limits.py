@@ -117,12 +117,15 @@ def wav_truncated(data: bytes) -> bool:
     return True  # no data chunk inside the bytes given
 
 
-def check_request(obj: Any, audio: bytes | None, voice: bytes | None, limits: RequestLimits) -> None:
-    """Size limits of one parsed request and its audio tensors."""
-    for name, data in (("audio", audio), ("voice", voice)):
-        if data is not None and len(data) > limits.max_audio_bytes:
+def check_request(obj: Any, audio: bytes | list[bytes] | None, voice: bytes | None, limits: RequestLimits) -> None:
+    """Size limits of one parsed request and its audio tensors (`audio`: one clip or the request's list of clips;
+    the byte and duration limits cover all clips together)."""
+    clips = [audio] if isinstance(audio, (bytes, bytearray)) else [a for a in (audio or []) if a]
+    total = sum(len(c) for c in clips)
+    for name, size in (("audio", total if clips else None), ("voice", None if voice is None else len(voice))):
+        if size is not None and size > limits.max_audio_bytes:
             raise InvalidInputError(
-                f"input '{name}' is {len(data)} bytes, over the limit max_audio_bytes={limits.max_audio_bytes}")
+                f"input '{name}' is {size} bytes, over the limit max_audio_bytes={limits.max_audio_bytes}")
     if not isinstance(obj, dict):
         return  # the request parser names that problem
     chars = _text_chars(obj)
@@ -141,10 +144,12 @@ def check_request(obj: Any, audio: bytes | None, voice: bytes | None, limits: Re
         if unknown:
             raise InvalidInputError(f"unknown 'audio_format' key(s): {', '.join(unknown)} "
                                     f"(known: {', '.join(AUDIO_FORMAT_KEYS)})")
-    if audio and fmt is None and wav_truncated(audio):
-        raise InvalidInputError("input 'audio' is a truncated wav: its data chunk is longer than the bytes sent")
-    if audio:
-        seconds = audio_seconds(audio, obj.get("audio_format"))
-        if seconds is not None and seconds > limits.max_audio_seconds:
-            raise InvalidInputError(f"audio is {seconds:.1f} s long, over the limit "
-                                    f"max_audio_seconds={limits.max_audio_seconds:g}")
+    seconds = 0.0
+    for i, clip in enumerate(clips):
+        name = "input 'audio'" if len(clips) == 1 else f"input 'audio' clip {i}"
+        if fmt is None and wav_truncated(clip):
+            raise InvalidInputError(f"{name} is a truncated wav: its data chunk is longer than the bytes sent")
+        seconds += audio_seconds(clip, fmt) or 0.0
+    if seconds > limits.max_audio_seconds:
+        raise InvalidInputError(f"audio is {seconds:.1f} s long, over the limit "
+                                f"max_audio_seconds={limits.max_audio_seconds:g}")

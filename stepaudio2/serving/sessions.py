@@ -62,8 +62,10 @@ class SessionStore:
         os.utime(path)  # touched: least recently used goes first
         return state
 
-    def continue_request(self, session_id: str, obj: dict, audio: bytes | None) -> tuple[dict, bytes | None]:
-        """The full request for a follow-up in session `session_id`: stored history + the request's new turns."""
+    def continue_request(self, session_id: str, obj: dict, audio: list[bytes]) -> tuple[dict, list[bytes]]:
+        """The full request for a follow-up in session `session_id`: stored history + the request's new turns.
+        The session's audio clips come first, the request's new clips after them (new audio items without an
+        index take the first clip no earlier turn uses)."""
         state = self._load(session_id)
         turns = obj.pop("messages", None)
         text = obj.pop("text", None)
@@ -75,20 +77,18 @@ class SessionStore:
         for name in ("task", "history", "tools", "generation"):
             if obj.pop(name, None) is not None:
                 raise InvalidInputError(f"request field '{name}' is fixed by the session; leave it out of follow-ups")
-        stored_audio = base64.b64decode(state["audio"]) if state.get("audio") else None
-        if audio and stored_audio:
-            raise InvalidInputError("this session already has its audio; a follow-up cannot bring new audio")
+        stored = [base64.b64decode(a) for a in state.get("audios") or []]
         obj["messages"] = [*state["messages"], *new_turns]
         obj["generation"] = state["generation"]
-        return obj, audio or stored_audio
+        return obj, [*stored, *audio]
 
-    def save(self, session_id: str, messages: list[dict], generation: str, audio: bytes | None) -> str:
+    def save(self, session_id: str, messages: list[dict], generation: str, audio: list[bytes]) -> str:
         """Store the conversation after a reply; `NEW` opens a session and returns its id."""
         if len(messages) > self.max_messages:
             raise InvalidInputError(f"session is longer than {self.max_messages} messages; start a new one")
         key = uuid.uuid4().hex if session_id == NEW else session_id
         data = {"messages": messages, "generation": generation,
-                "audio": base64.b64encode(audio).decode() if audio else None}
+                "audios": [base64.b64encode(a).decode() for a in audio]}
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False)

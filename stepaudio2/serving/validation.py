@@ -61,17 +61,17 @@ def check_llm_inputs(
     spans: list[tuple[int, int]] = []
     chunks: list[np.ndarray] = []
     has_spans = audio_spans is not None and np.asarray(audio_spans).size > 0
-    has_embeds = audio_embeds is not None and np.asarray(audio_embeds).size > 0
-    if has_embeds and not has_spans:
+    if audio_embeds is not None and np.asarray(audio_embeds).size > 0 and not has_spans:
         raise InvalidInputError("'audio_embeds' given without 'audio_spans'")
     if has_spans:
         raw = _int_array(audio_spans, "audio_spans")
         if raw.ndim != 2 or raw.shape[1] != 2:
             raise InvalidInputError(f"'audio_spans' must be [K, 2] (start, length), got {list(raw.shape)}")
         spans = [(int(a), int(b)) for a, b in raw]
-        if not has_embeds:
+        # A clip of <= 320 samples is an empty block (`<audio_start><audio_end>`): a 0-length span, 0 rows.
+        if audio_embeds is None and any(b for _, b in spans):
             raise InvalidInputError("'audio_spans' given without 'audio_embeds'")
-        embeds = np.asarray(audio_embeds)
+        embeds = np.zeros((0, limits.hidden_size), np.float32) if audio_embeds is None else np.asarray(audio_embeds)
         if embeds.ndim != 2 or embeds.shape[1] != limits.hidden_size:
             raise InvalidInputError(
                 f"'audio_embeds' must be [N, {limits.hidden_size}] (the LLM width), got {list(embeds.shape)}")
@@ -81,8 +81,8 @@ def check_llm_inputs(
             raise InvalidInputError("'audio_embeds' contains NaN or infinite values")
         end = 0
         for a, b in sorted(spans):
-            if b < 1 or a < end or a + b > ids.size:
-                raise InvalidInputError("'audio_spans' must be non-empty, non-overlapping and inside 'input_ids'")
+            if a < end or b < 0 or a + b > ids.size:
+                raise InvalidInputError("'audio_spans' must be non-negative, non-overlapping and inside 'input_ids'")
             end = a + b
         if sum(b for _, b in spans) != embeds.shape[0]:
             raise InvalidInputError("'audio_spans' lengths do not add up to the rows of 'audio_embeds'")

@@ -4,18 +4,18 @@ replies are synthesised offline (whole reply, batched with other requests in tok
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages
 from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    bytes_values,
     log_failure,
     optional_input,
     triton_error,
@@ -25,11 +25,18 @@ from stepaudio2.text import StepAudio2Tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
-        self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
+        params = ModelParameters.from_args(args)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         self.stages = BlsStages(pb_utils)
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
-        self.limits = RequestLimits.from_parameters(params)
+        # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
+        self.limits = RequestLimits(
+            max_request_bytes=params.integer("max_request_bytes", minimum=1),
+            max_json_depth=params.integer("max_json_depth", minimum=1),
+            max_audio_bytes=params.integer("max_audio_bytes", minimum=1),
+            max_audio_seconds=params.number("max_audio_seconds", minimum=0),
+            max_text_chars=params.integer("max_text_chars", minimum=1),
+            max_new_tokens=params.integer("max_new_tokens", minimum=1),
+        )
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -37,10 +44,10 @@ class TritonPythonModel:
             pcm: list[np.ndarray] = []
             try:
                 obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
-                audio = bytes_value(optional_input(pb_utils, request, "audio"))
-                check_request(obj, audio, None, self.limits)
+                clips = bytes_values(optional_input(pb_utils, request, "audio"))
+                check_request(obj, clips, None, self.limits)
                 payload = serve_request(
-                    self.tokenizer, self.stages, obj, audio, None,
+                    self.tokenizer, self.stages, obj, clips, None,
                     lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
                     is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
                 )

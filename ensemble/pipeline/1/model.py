@@ -7,10 +7,8 @@ concurrency comes from `instance_group` count (Triton routes each new request to
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,12 +16,14 @@ import triton_python_backend_utils as pb_utils
 from stepaudio2.serving.bls import BlsStages, Cancelled
 from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.sessions import SessionStore
 from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    bytes_values,
     log_failure,
     optional_input,
     triton_error,
@@ -35,17 +35,23 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
-        self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
+        params = ModelParameters.from_args(args)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         self.stages = BlsStages(pb_utils)
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
-        self.sessions = SessionStore(Path(os.environ["STEPAUDIO2_RUNTIME"]) / "sessions",
-                                     int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
+        self.sessions = SessionStore(params.path("sessions_dir"), params.integer("max_sessions", minimum=1),
+                                     params.number("session_ttl_s", minimum=0))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
-        self.limits = RequestLimits.from_parameters(params)
+        # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
+        self.limits = RequestLimits(
+            max_request_bytes=params.integer("max_request_bytes", minimum=1),
+            max_json_depth=params.integer("max_json_depth", minimum=1),
+            max_audio_bytes=params.integer("max_audio_bytes", minimum=1),
+            max_audio_seconds=params.number("max_audio_seconds", minimum=0),
+            max_text_chars=params.integer("max_text_chars", minimum=1),
+            max_new_tokens=params.integer("max_new_tokens", minimum=1),
+        )
 
     def _locked(self, fn):
         with self.send_lock:
@@ -72,11 +78,11 @@ class TritonPythonModel:
 
         try:
             obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
-            audio = bytes_value(optional_input(pb_utils, request, "audio"))
+            clips = bytes_values(optional_input(pb_utils, request, "audio"))
             voice = _voice_bytes(optional_input(pb_utils, request, "voice"))
-            check_request(obj, audio, voice, self.limits)
+            check_request(obj, clips, voice, self.limits)
             serve_request(
-                self.tokenizer, self.stages, obj, audio, voice,
+                self.tokenizer, self.stages, obj, clips, voice,
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )

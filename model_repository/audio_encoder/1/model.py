@@ -7,8 +7,6 @@ cannot run gets the error; the rest of the dynamic batch is answered normally.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +15,29 @@ import triton_python_backend_utils as pb_utils
 from stepaudio2.audio import pad_mels
 from stepaudio2.config import load_config
 from stepaudio2.engines.runners import make_runner
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.triton_utils import log_failure, required_input, triton_error
 from stepaudio2.serving.validation import check_mel
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.runner = make_runner(version_dir / "audio_encoder.onnx", os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu"))
+        params = ModelParameters.from_args(args)
+        engine = params.choice("engine", ("onnx-cpu", "onnx-cuda", "tensorrt"))
+        self.runner = make_runner(params.path("model_dir") / "audio_encoder.onnx", engine)
         audio = load_config(Path(args["model_repository"]).parent / "llm" / "1").audio
-        params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
         self.n_mels = audio.n_mels
         # The stride-2 conv halves the frames before the learned positions: 2 x n_audio_ctx frames fit.
-        self.max_frames = min(int(params.get("max_mel_frames", 3000)), 2 * audio.n_audio_ctx)
+        self.max_frames = min(params.integer("max_mel_frames", minimum=1), 2 * audio.n_audio_ctx)
         # Warm before ready: the first run pays for graph optimisation and arena allocation.
         self._run([np.zeros((self.n_mels, 200), np.float32)], [200])
 
     def _run(self, mels: list[np.ndarray], lengths: list[int]) -> dict:
         batch, _ = pad_mels(mels)
-        return self.runner(mel=batch, mel_lengths=np.array(lengths, np.int64))
+        # Each request's own frame count is the batch length its item saw upstream (the pipeline pads a
+        # request's chunks to their longest): the graph keeps every item as if it ran alone at that length.
+        frames = np.array([m.shape[1] for m in mels], np.int64)
+        return self.runner(mel=batch, mel_lengths=np.array(lengths, np.int64), mel_frames=frames)
 
     def _respond(self, out: dict, row: int):
         n = int(out["embed_lengths"][row])
