@@ -83,7 +83,8 @@ def served(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory)
         proc = subprocess.Popen(
             [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", str(tiny_checkpoint_full),
              "--runtime", str(runtime), "--grpc-port", str(grpc_port), "--http-port", str(free_port()),
-             "--metrics-port", str(free_port()), "--health-port", str(health_port), "--max-restarts", "10"],
+             "--metrics-port", str(free_port()), "--health-port", str(health_port), "--max-restarts", "10",
+             "--no-gateway"],
             stdout=out, stderr=subprocess.STDOUT)
     SPAWNED_LAUNCHERS.add(proc.pid)
     s = Served(proc, grpc_port, health_port, log)
@@ -273,6 +274,57 @@ def test_operator_protocols_need_the_admin_key(served: Served) -> None:
         assert g.is_model_ready("llm")  # and nothing was unloaded
     finally:
         g.close()
+
+
+def _llm_inputs(ids: np.ndarray, embeds: np.ndarray | None = None, spans: np.ndarray | None = None) -> list:
+    inputs = []
+    for name, value, dtype in (("input_ids", ids, "INT64"), ("audio_embeds", embeds, "FP32"),
+                               ("audio_spans", spans, "INT64")):
+        if value is not None:
+            t = grpcclient.InferInput(name, list(value.shape), dtype)
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+    return inputs
+
+
+def _llm_error(served: Served, inputs: list) -> str:
+    """The error the decoupled llm model streams back for one raw request ("" if it answered)."""
+    results: list = []
+    g = grpcclient.InferenceServerClient(served.url)
+    g.start_stream(callback=lambda result, error: results.append((result, error)))
+    try:
+        g.async_stream_infer("llm", inputs, enable_empty_final_response=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(
+                e is not None or r.get_response().parameters.get("triton_final_response") for r, e in results):
+            time.sleep(0.05)
+    finally:
+        g.stop_stream()
+        g.close()
+    return next((e.message() for _, e in results if e is not None), "")
+
+
+def test_bad_raw_llm_requests_are_invalid_argument(served: Served, asr_answer: list[int]) -> None:
+    """Straight to the llm model: NaN/Inf or wrong-width embeddings, ids outside the vocabulary, spans outside the
+    prompt and a prompt over max_model_len are refused before the engine; the server answers correctly after."""
+    from stepaudio2.config import load_config
+
+    text = load_config(served.runtime / "model_repository" / "llm" / "1").text
+    h, ids = text.hidden_size, np.arange(10, dtype=np.int64)
+    cases = [
+        ("NaN", _llm_inputs(ids, np.full((3, h), np.nan, np.float32), np.array([[2, 3]], np.int64))),
+        ("infinite", _llm_inputs(ids, np.full((3, h), np.inf, np.float32), np.array([[2, 3]], np.int64))),
+        (f"[N, {h}]", _llm_inputs(ids, np.ones((3, h + 1), np.float32), np.array([[2, 3]], np.int64))),
+        (f"outside [0, {text.vocab_size})", _llm_inputs(np.array([1, text.vocab_size], np.int64))),
+        ("inside 'input_ids'", _llm_inputs(ids, np.ones((3, h), np.float32), np.array([[8, 3]], np.int64))),
+        ("add up", _llm_inputs(ids, np.ones((3, h), np.float32), np.array([[2, 2]], np.int64))),
+        ("max_model_len", _llm_inputs(np.zeros(8192, np.int64))),
+    ]
+    for needle, inputs in cases:
+        message = _llm_error(served, inputs)
+        assert message.startswith("[INVALID_ARGUMENT]") and needle in message, (needle, message)
+    with StepAudio2Client(served.url) as c:
+        assert c.generate(ASR, HELLO.read_bytes(), timeout=REQUEST_BOUND_S)["token_ids"] == asr_answer
 
 
 def _stub_pid(served: Served, instance_prefix: str) -> int:
