@@ -37,6 +37,16 @@ def test_llm_inputs_valid_request_is_parsed() -> None:
     assert parsed.spans == [(2, 3)] and parsed.chunks[0].shape == (3, 8)
 
 
+def test_llm_inputs_accept_an_empty_audio_block() -> None:
+    """A clip of <= 320 samples is `<audio_start><audio_end>`: a 0-length span with no embedding rows."""
+    parsed = check_llm_inputs(np.arange(10), _ok_embeds(3), np.array([[2, 0], [4, 3]]), LIMITS)
+    assert parsed.spans == [(2, 0), (4, 3)] and [c.shape[0] for c in parsed.chunks] == [0, 3]
+    parsed = check_llm_inputs(np.arange(10), None, np.array([[2, 0]]), LIMITS)
+    assert parsed.spans == [(2, 0)] and parsed.chunks[0].shape == (0, 8)
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        check_llm_inputs(np.arange(10), _ok_embeds(3), np.array([[2, -1], [4, 4]]), LIMITS)
+
+
 @pytest.mark.parametrize(
     ("ids", "embeds", "spans", "max_new", "needle"),
     [
