@@ -166,7 +166,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
         extra_args=list(args.triton_args),
     )
+    _apply_topology(cfg, args)
     return serve_forever(cfg)
+
+
+def _apply_topology(cfg, args: argparse.Namespace) -> None:
+    """Scale-out options (--models, --remote, --session-store) -> model parameters + tritonserver arguments."""
+    from stepaudio2.serving.topology import parse_models, parse_remotes, topology
+
+    params, extra = topology(parse_models(args.models), parse_remotes(args.remote), args.session_store)
+    for model, values in params.items():
+        cfg.model_parameters.setdefault(model, {}).update(values)
+    cfg.extra_args = [*extra, *cfg.extra_args]
 
 
 def _load_tools(spec: str | None) -> list[dict] | None:
@@ -229,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
     p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
+    # Scale-out (README "Scaling"): which models this server runs, where the pipeline reaches the others.
+    p.add_argument("--models", help="serve only these models, comma-separated (default: all)")
+    p.add_argument("--remote", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="reach this stage (audio_encoder, llm, voice_prompt, token2wav) over gRPC there; repeatable")
+    p.add_argument("--session-store", dest="session_store", metavar="URL",
+                   help="sessions and voices: 'embedded' (default, files in --runtime) or redis://[:PASSWORD@]HOST:PORT/DB")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

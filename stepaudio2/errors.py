@@ -20,3 +20,10 @@ class AudioError(InvalidInputError):
 
 class CheckpointError(StepAudio2Error):
     """A checkpoint on disk does not match what the code expects (missing, unexpected or misshaped tensor...)."""
+
+
+class UnavailableError(StepAudio2Error):
+    """Something the request needs is down or busy (the session store, a stage at a remote address).
+
+    The server maps this to gRPC UNAVAILABLE (retry later or elsewhere).
+    """

@@ -83,8 +83,9 @@ def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     _copy_tree(MODEL_REPOSITORY, stages)
     _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
     export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
-    for model, values in cfg.model_parameters.items():
-        _set_parameters(stages / model / "config.pbtxt", values)
+    for model, values in cfg.model_parameters.items():  # a stage or a pipeline model
+        repo = pipelines if (pipelines / model / "config.pbtxt").is_file() else stages
+        _set_parameters(repo / model / "config.pbtxt", values)
     if not (stages / "token2wav" / "1" / "flow.yaml").is_file():
         # A checkpoint without token2wav/ serves text only: the speech stages would fail to load.
         for name in SPEECH_STAGES:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from stepaudio2.engines.scheduler import QueueFullError
-from stepaudio2.errors import InvalidInputError
+from stepaudio2.errors import InvalidInputError, UnavailableError
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
@@ -19,7 +19,7 @@ def triton_error(pb_utils: Any, exc: BaseException):
     """
     if isinstance(exc, InvalidInputError):
         code, name, text = pb_utils.TritonError.INVALID_ARG, "INVALID_ARGUMENT", str(exc)
-    elif isinstance(exc, QueueFullError):
+    elif isinstance(exc, (QueueFullError, UnavailableError)):
         code, name, text = pb_utils.TritonError.UNAVAILABLE, "UNAVAILABLE", str(exc)
     else:
         code, name, text = pb_utils.TritonError.INTERNAL, "INTERNAL", f"{type(exc).__name__}: {exc}"

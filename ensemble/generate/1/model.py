@@ -11,6 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
@@ -26,7 +27,9 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
         self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
-        self.stages = BlsStages(pb_utils)
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.stages = stages_from_parameters(BlsStages(pb_utils), params)  # BLS, or gRPC per `remote_<stage>`
 
     def execute(self, requests: list) -> list:
         responses = []

@@ -15,10 +15,14 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from stepaudio2.errors import UnavailableError
 from stepaudio2.serving.bls import BlsStages, Cancelled
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
+from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
+from stepaudio2.serving.session_store import open_store
 from stepaudio2.serving.sessions import SessionStore
+from stepaudio2.serving.shared_voices import SharedVoiceStages
 from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
@@ -38,11 +42,15 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
         self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
-        self.stages = BlsStages(pb_utils)
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
-        self.sessions = SessionStore(Path(os.environ["STEPAUDIO2_RUNTIME"]) / "sessions",
-                                     int(params.get("max_sessions", 1024)), float(params.get("session_ttl_s", 1800)))
+        # Sessions and voices: files under the runtime folder (default) or Redis (`session_store` parameter).
+        store = open_store(params.get("session_store", ""), Path(os.environ["STEPAUDIO2_RUNTIME"]),
+                           max_sessions=int(params.get("max_sessions", 1024)),
+                           ttl_s=float(params.get("session_ttl_s", 1800)))
+        self.sessions = SessionStore(store)
+        # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
+        self.stages = SharedVoiceStages(stages_from_parameters(BlsStages(pb_utils), params), store)
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
 
     def _locked(self, fn):
@@ -86,7 +94,10 @@ class TritonPythonModel:
             with lock:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
         finally:
-            self.speech_metrics.sessions.set(len(self.sessions))
+            try:
+                self.speech_metrics.sessions.set(len(self.sessions))
+            except UnavailableError:
+                pass  # the store is down: session requests say so; the gauge keeps its last value
 
     def execute(self, requests: list) -> None:
         for request in requests:
