@@ -224,5 +224,7 @@ def test_topology_options() -> None:
     assert params == {"pipeline": {"remote_llm": "h:1", "session_store": "redis://r:6379/0"}}
     assert args == ["--model-control-mode=explicit", "--load-model=pipeline", "--load-model=audio_encoder"]
     assert topology(None, {}, None) == ({}, [])
+    with pytest.raises(InvalidInputError, match="--session-store"):
+        topology(None, {}, 'redis://:pa"ss@r:6379/0')
     with pytest.raises(InvalidInputError, match="llm"):
         topology(["pipeline", "llm"], {"llm": "h:1"}, None)

@@ -56,6 +56,8 @@ def topology(models: list[str] | None, remotes: dict[str, str], session_store: s
             continue
         params[model] = {f"remote_{stage}": address for stage, address in remotes.items()}
     if session_store:
+        if any(c in session_store for c in '"\\\n'):  # it is written into config.pbtxt as a quoted string
+            raise InvalidInputError("--session-store: the URL must not contain quotes, backslashes or newlines")
         if models is not None and "pipeline" not in models:
             raise InvalidInputError("--session-store needs the pipeline model in --models")
         params.setdefault("pipeline", {})["session_store"] = session_store
