@@ -9,6 +9,7 @@ The tests that stop Redis and the pool come last (pytest runs a module's tests i
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import urllib.request
@@ -206,12 +207,19 @@ def test_voice_registered_on_one_replica_is_used_on_another(cluster) -> None:
     voice = (ASSETS / "nihao_zh.wav").read_bytes()
     request = {"task": "voice-chat", "sampling": SAMPLING, "speech_output": "offline"}
     with cluster.client("front_t2w") as a, cluster.client("front_llm") as b:
-        own = a.generate(request, HELLO.read_bytes(), voice=voice)  # voice_prompt runs on the pool
+        own = a.generate({**request, "session_id": "new"}, HELLO.read_bytes(), voice=voice)  # voice_prompt: pool
         voice_id = own["audio"]["voice_id"]
         default = b.generate(request, HELLO.read_bytes())
         # front_llm's own voice_prompt never saw this audio: only the shared store knows the voice.
         again = b.generate({**request, "voice_id": voice_id}, HELLO.read_bytes())
-    assert redis.Redis.from_url(cluster.redis.url).exists(f"stepaudio2:voice:{voice_id}")
+        # The session keeps its voice: a follow-up on the other replica names none and still speaks in it.
+        follow = b.generate({"session_id": own["session_id"], "text": "again", "sampling": SAMPLING,
+                             "speech_output": "offline"})
+    db = redis.Redis.from_url(cluster.redis.url)
+    assert db.exists(f"stepaudio2:voice:{voice_id}")
+    assert json.loads(db.get(f"stepaudio2:session:{own['session_id']}"))["voice_id"] == voice_id
+    assert follow["audio_codes"], "the follow-up has no speech to check the voice of"
+    assert follow["audio"]["voice_id"] == voice_id
     assert again["audio"]["voice_id"] == voice_id != default["audio"]["voice_id"]
     np.testing.assert_allclose(again["pcm"], own["pcm"], atol=ALONE_TOL)
     assert not np.allclose(again["pcm"], default["pcm"], atol=ALONE_TOL)

@@ -170,7 +170,11 @@ def test_conversation_through_a_lease(make_store) -> None:
     finally:
         sessions.end(lease)
     lease = sessions.begin(sid)
-    assert len(lease.state["messages"]) == 4
+    assert len(lease.state["messages"]) == 4 and lease.state["voice_id"] is None
+    sessions.save(lease, lease.state["messages"], "speech", None, voice_id="abc123")
+    sessions.end(lease)
+    lease = sessions.begin(sid)
+    assert lease.state["voice_id"] == "abc123" and lease.state["generation"] == "speech"
     sessions.end(lease)
 
 

@@ -56,11 +56,15 @@ def serve_request(
     try:
         if lease is not None:
             obj, audio = sessions.continue_request(lease, obj, audio)
+            if options.voice_id is None and voice_audio is None:  # keep speaking in the session's voice
+                options.voice_id = lease.state.get("voice_id")
         payload = _serve(tokenizer, stages, obj, audio, voice_audio, emit, options, is_cancelled, arrived,
                          on_tool_call, on_audio_done)
         if session_id is not None:
+            spoken = payload.get("audio") or {}
+            voice_id = options.voice_id or (spoken.get("voice_id") if voice_audio else None)
             payload["session_id"] = sessions.save(
-                lease, [*payload["messages"], payload["assistant_turn"]], payload["generation"], audio
+                lease, [*payload["messages"], payload["assistant_turn"]], payload["generation"], audio, voice_id
             )
     finally:
         if sessions is not None:

@@ -55,12 +55,14 @@ class SessionStore:
         obj["generation"] = state["generation"]
         return obj, audio or stored_audio
 
-    def save(self, lease: Lease | None, messages: list[dict], generation: str, audio: bytes | None) -> str:
-        """Store the conversation after a reply (lease None: open a new session); returns the session id."""
+    def save(self, lease: Lease | None, messages: list[dict], generation: str, audio: bytes | None,
+             voice_id: str | None = None) -> str:
+        """Store the conversation after a reply (lease None: open a new session); returns the session id.
+        `voice_id`: the voice the conversation speaks in, reused by later turns that name none."""
         if len(messages) > self.max_messages:
             raise InvalidInputError(f"session is longer than {self.max_messages} messages; start a new one")
         data = {"messages": messages, "generation": generation,
-                "audio": base64.b64encode(audio).decode() if audio else None}
+                "audio": base64.b64encode(audio).decode() if audio else None, "voice_id": voice_id}
         if lease is None:
             return self.store.create(data)
         self.store.commit(lease, data)
