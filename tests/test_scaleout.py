@@ -266,9 +266,9 @@ def test_remote_down_is_unavailable_and_the_front_keeps_serving_text(cluster) ->
     with cluster.client("front_t2w") as a, cluster.client("front_llm") as b:
         with pytest.raises(ClientError) as err:
             a.generate({"task": "voice-chat", "sampling": SAMPLING}, HELLO.read_bytes(), timeout=60)
-        assert err.value.status == "UNAVAILABLE" and pool in err.value.message
+        assert err.value.status == "UNAVAILABLE" and pool in err.value.message, err.value
         with pytest.raises(ClientError) as err:
             b.generate({"task": "chat", "text": "hi", "sampling": {"max_new_tokens": 2}}, timeout=60)
-        assert err.value.status == "UNAVAILABLE" and "llm" in err.value.message and pool in err.value.message
+        assert err.value.status == "UNAVAILABLE" and "llm" in err.value.message and pool in err.value.message, err.value
         text = a.generate({"task": "chat", "text": "text only", "sampling": {"max_new_tokens": 4}})
     assert text["finish_reason"] in ("stop", "length")

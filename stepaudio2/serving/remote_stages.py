@@ -60,7 +60,7 @@ class GrpcStages:
 
     def _error(self, exc: Any, stage: str) -> Exception:
         """The remote's error with its status kept (stream errors carry it as a "[STATUS] " prefix)."""
-        grpc_status = str(exc.status() or "").split(".")[-1]
+        grpc_status = str(getattr(exc, "status", lambda: "")() or "").split(".")[-1]
         status, message = strip_status(exc.message() or str(exc))
         status = status or grpc_status
         if status == "INVALID_ARGUMENT":
@@ -106,7 +106,7 @@ class GrpcStages:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
         try:
-            client.async_stream_infer("llm", inputs, request_id=sequence_id, enable_empty_final_response=True)
+            self._send(client, responses, inputs, sequence_id)
             while not finished:
                 result, error = self._next(responses)
                 if error is not None:
@@ -127,6 +127,19 @@ class GrpcStages:
             client.stop_stream(cancel_requests=not finished)  # a generator closed early cancels the stream
             client.close()
 
+    def _send(self, client: Any, responses: queue.Queue, inputs: list, request_id: str) -> None:
+        """Queue one request on the stream; a stream that already broke raises here instead of in the callback."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            client.async_stream_infer("llm", inputs, request_id=request_id, enable_empty_final_response=True)
+        except InferenceServerException as exc:
+            try:  # the callback usually holds the real cause (e.g. the remote is down)
+                _, error = responses.get_nowait()
+            except queue.Empty:
+                error = None
+            raise self._error(error or exc, "llm") from None
+
     def _next(self, responses: queue.Queue) -> tuple[Any, Any]:
         try:
             return responses.get(timeout=self.timeout_s)
@@ -135,8 +148,10 @@ class GrpcStages:
 
     def _cancel_remote(self, client: Any, responses: queue.Queue, sequence_id: str) -> None:
         """Free the remote KV slot at its next step, then drain until the llm ends the sequence."""
-        client.async_stream_infer("llm", [_text("cancel", sequence_id)], request_id=f"cancel-{sequence_id}",
-                                  enable_empty_final_response=True)
+        try:
+            self._send(client, responses, [_text("cancel", sequence_id)], f"cancel-{sequence_id}")
+        except Exception:
+            return  # the stream broke: stop_stream cancels what is left, and the remote frees the slot
         while True:
             try:
                 result, error = self._next(responses)
@@ -153,7 +168,7 @@ class GrpcStages:
         client = self._grpc.InferenceServerClient(url=self.url)
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
-            client.async_stream_infer("llm", [_text("cancel", sequence_id)], enable_empty_final_response=True)
+            self._send(client, responses, [_text("cancel", sequence_id)], f"cancel-{sequence_id}")
             self._next(responses)
         finally:
             client.stop_stream()
