@@ -1,13 +1,23 @@
-"""Tokens per second through the served pipeline (real tritonserver, gRPC) at concurrency 1, 4 and 16,
-against the in-process reference pipeline running the same requests one at a time. One run, one machine.
+"""LLM serving on vLLM: served tokens/s at concurrency 1, 4, 16 through the streaming pipeline (real
+tritonserver, gRPC), TTFT p50/p95, server RSS idle and under load, and vLLM alone (in-process AsyncLLM, same
+settings, same prompts) in the same run. Medians [min .. max] of --runs runs. Real-vocabulary `small` preset.
 
-    .venv/bin/python bench/serving_throughput.py [--preset small] [--tokens 48] [--levels 1 4 16] [--runs 3]
+    .venv/bin/python bench/serving_throughput.py [--preset small] [--tokens 64] [--levels 1 4 16] [--runs 3]
+        [--baseline-python /work/main/.venv/bin/python --baseline-source /work/main]
+
+--baseline-*: also run the hand-made continuous batcher (git main's code, its own venv) on the same
+checkpoint and requests (bench/_baseline_batcher.py), for the side-by-side ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -27,70 +37,200 @@ def _port() -> int:
 
 
 def _requests(n: int, tokens: int) -> list[tuple[dict, bytes]]:
+    """ASR requests on the shipped clips, greedy, fixed length (the random checkpoint rarely stops early;
+    tokens/s counts the tokens each request really generated)."""
     assets = ROOT / "stepaudio2" / "assets"
-    # Same requests on both sides; tokens/s counts the tokens each request really generated.
     return [({"task": "asr", "sampling": {"max_new_tokens": tokens}}, (assets / CLIPS[i % 3]).read_bytes())
             for i in range(n)]
+
+
+def _tree_rss_mib(pid: int) -> float:
+    """RSS of a process and its whole session (tritonserver, Python stubs, vLLM's engine-core process)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[3]) != pid and int(entry.name) != pid:  # field 6 (session id) after the name
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1024
+
+
+def served(url: str, reqs: list, level: int) -> tuple[float, list[float]]:
+    """(tokens/s, per-request TTFT) for `level` concurrent streams."""
+    from stepaudio2_client import StepAudio2Client
+
+    counts, ttfts = [0] * level, [0.0] * level
+
+    def worker(i: int) -> None:
+        obj, audio = reqs[i]
+        with StepAudio2Client(url) as c:
+            t0 = time.perf_counter()
+            for event in c.stream(obj, audio):
+                if not ttfts[i] and event["type"] in ("text", "audio_codes"):
+                    ttfts[i] = time.perf_counter() - t0
+                if event["type"] == "result":
+                    counts[i] = len(event["token_ids"])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(level)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0), ttfts
+
+
+def engine_prompts(ckpt: Path, reqs: list) -> list:
+    """The exact prompt embeddings the served pipeline gives vLLM (reference prompt builder + audio encoder)."""
+    import numpy as np
+
+    from stepaudio2.engines.vllm_engine import build_prompt_embeds
+    from stepaudio2.pipeline import ReferencePipeline
+    from stepaudio2.request import request_from_json
+
+    ref = ReferencePipeline(ckpt)
+    table = ref.backend.model.model.embed_tokens.weight.detach().numpy()
+    out = []
+    for obj, audio in reqs:
+        prompt = ref.build_prompt(request_from_json(obj, audio))
+        chunks = ref.backend.encode_audio(prompt.mels, prompt.mel_lengths)
+        out.append(build_prompt_embeds(np.asarray(prompt.ids), table, table.shape[0],
+                                       np.concatenate(chunks), np.asarray(prompt.audio_spans)))
+    return out
+
+
+def engine_alone(qwen2_dir: Path, prompts: list, tokens: int, levels: list[int], runs: int, stops) -> dict:
+    """vLLM's AsyncLLM in this process with the llm model's default settings: tokens/s and TTFT per level."""
+    from stepaudio2.engines.sampling import SamplingParams
+    from stepaudio2.engines.vllm_engine import EngineSettings, make_engine, vllm_sampling
+
+    settings = EngineSettings(python_executable=sys.executable)
+    params = vllm_sampling(SamplingParams(max_new_tokens=tokens), stops)
+
+    async def one(engine, i: int, embeds, ttft: list, counts: list) -> None:
+        t0, n = time.perf_counter(), 0
+        async for out in engine.generate({"prompt_embeds": embeds}, params, request_id=f"r{i}-{time.time_ns()}"):
+            n += len(out.outputs[0].token_ids)
+            if n and not ttft[i]:
+                ttft[i] = time.perf_counter() - t0
+        counts[i] = n
+
+    async def main() -> dict:
+        engine = await make_engine(qwen2_dir, settings)
+        try:
+            await one(engine, 0, prompts[0], [0.0], [0])  # warm-up
+            res: dict = {}
+            for level in levels:
+                for _ in range(runs):
+                    ttft, counts = [0.0] * level, [0] * level
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(one(engine, i, prompts[i], ttft, counts) for i in range(level)))
+                    res.setdefault(level, []).append((sum(counts) / (time.perf_counter() - t0), ttft))
+            return res
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--baseline-python", help="python of a venv with git main's code (the hand-made batcher)")
+    ap.add_argument("--baseline-source", help="checkout of git main (its stepaudio2 + bench/)")
+    ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--runtime", help="serving runtime folder to reuse (its export is kept when up to date)")
     args = ap.parse_args()
 
-    from stepaudio2.pipeline import ReferencePipeline
-    from stepaudio2.request import request_from_json
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
-    from stepaudio2_client import StepAudio2Client
 
     ckpt = checkpoint(args.preset)
-    ref = ReferencePipeline(ckpt)
     reqs = _requests(max(args.levels), args.tokens)
-    ref_tps = []
-    for _ in range(args.runs):
-        t0, n = time.perf_counter(), 0
-        for obj, audio in reqs[: max(args.levels)]:
-            n += len(ref.generate(request_from_json(obj, audio)).token_ids)
-        ref_tps.append(n / (time.perf_counter() - t0))
-
-    cfg = ServerConfig(checkpoint=ckpt, runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-bench-")),
-                       grpc_port=_port(), http_port=_port(), metrics_port=_port())
+    runtime = Path(args.runtime) if args.runtime else Path(tempfile.mkdtemp(prefix="stepaudio2-bench-"))
+    cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=_port(), http_port=_port(), metrics_port=_port())
     server = TritonProcess(cfg)
     server.start()
+    rows, rss = {}, {}
     try:
         url = f"127.0.0.1:{cfg.grpc_port}"
-        rows = []
+        served(url, reqs, 1)  # warm-up (first request loads lazily initialised state)
+        time.sleep(2)
+        rss["idle"] = _tree_rss_mib(server.proc.pid)
         for level in args.levels:
-            tps = []
-            for _ in range(args.runs):
-                counts = [0] * level
+            peak = [0.0]
+            stop = threading.Event()
 
-                def worker(i: int, out: list[int]) -> None:
-                    with StepAudio2Client(url) as c:
-                        obj, audio = reqs[i]
-                        out[i] = len(c.generate(obj, audio)["token_ids"])
+            def sample(peak=peak, stop=stop) -> None:
+                while not stop.wait(0.25):
+                    peak[0] = max(peak[0], _tree_rss_mib(server.proc.pid))
 
-                threads = [threading.Thread(target=worker, args=(i, counts)) for i in range(level)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                tps.append(sum(counts) / (time.perf_counter() - t0))
-            rows.append((level, tps))
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            rows[level] = [served(url, reqs, level) for _ in range(args.runs)]
+            stop.set()
+            sampler.join()
+            rss[f"c={level}"] = peak[0]
     finally:
         server.stop()
 
-    print(f"preset={args.preset} tokens/request={args.tokens} runs={args.runs} (CPU, ONNX Runtime in Triton)")
-    print(f"reference, one at a time   {summary(ref_tps)} tok/s")
-    base = sorted(rows[0][1])[len(rows[0][1]) // 2]
-    for level, tps in rows:
-        med = sorted(tps)[len(tps) // 2]
-        print(f"served, concurrency {level:>3}   {summary(tps)} tok/s   x{med / base:.2f} vs concurrency "
-              f"{rows[0][0]}")
+    from stepaudio2.config import load_config
+    from stepaudio2.request import stop_ids
+    from stepaudio2.text import StepAudio2Tokenizer
+
+    stops = stop_ids(StepAudio2Tokenizer.from_dir(ckpt), load_config(ckpt), __import__(
+        "stepaudio2.engines.sampling", fromlist=["SamplingParams"]).SamplingParams())
+    alone = engine_alone(runtime / "model_repository" / "llm" / "1" / "qwen2", engine_prompts(ckpt, reqs),
+                         args.tokens, args.levels, args.runs, stops)
+
+    baseline = None
+    if args.baseline_python and args.baseline_source:
+        out = subprocess.run(
+            [args.baseline_python, str(Path(__file__).with_name("_baseline_batcher.py")), "--checkpoint", str(ckpt),
+             "--tokens", str(args.tokens), "--levels", *map(str, args.levels), "--runs", str(args.runs)],
+            env={**os.environ, "PYTHONPATH": str(Path(args.baseline_source))}, capture_output=True, text=True,
+            check=True)
+        baseline = json.loads(out.stdout.strip().splitlines()[-1])
+
+    med = statistics.median
+    print(f"preset={args.preset} (vocab {load_config(ckpt).text.vocab_size}) tokens/request={args.tokens} "
+          f"runs={args.runs} cpus={os.cpu_count()}")
+    print("| concurrency | served tok/s | vLLM alone tok/s | served/alone | TTFT p50 s | TTFT p95 s |"
+          + (" hand-made batcher tok/s | vLLM served / batcher |" if baseline else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if baseline else ""))
+    c1 = med(t for t, _ in rows[args.levels[0]])
+    for level in args.levels:
+        tps = [t for t, _ in rows[level]]
+        eng = [t for t, _ in alone[level]]
+        ttft = [x for _, tt in rows[level] for x in tt]
+        line = (f"| {level} | {summary(tps)} | {summary(eng)} | {med(tps) / med(eng):.2f} | "
+                f"{pct(ttft, 0.5):.3f} | {pct(ttft, 0.95):.3f} |")
+        if baseline:
+            b = baseline[str(level)]
+            line += f" {summary(b)} | {med(tps) / med(b):.2f} |"
+        print(line)
+    top = args.levels[-1]
+    print(f"served c={top} / c={args.levels[0]}: x{med(t for t, _ in rows[top]) / c1:.2f}")
+    print("server RSS MiB (tritonserver + stubs + vLLM engine core): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"served": {k: [t for t, _ in v] for k, v in rows.items()},
+                                               "alone": {k: [t for t, _ in v] for k, v in alone.items()},
+                                               "baseline": baseline, "rss_mib": rss}, indent=2))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ MAX_SEQ = 16384
 
 
 
-def encoder_example(model: StepAudio2ForCausalLM) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_example(model: StepAudio2ForCausalLM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_mels = model.cfg.audio.n_mels
-    return torch.randn(2, n_mels, 300), torch.tensor([298, 150])
+    return torch.randn(2, n_mels, 300), torch.tensor([298, 150]), torch.tensor([300, 152])
 
 
 def decoder_example(model: StepAudio2ForCausalLM, batch: int = 2, seq: int = 3, past: int = 4):
@@ -46,7 +46,7 @@ def decoder_example(model: StepAudio2ForCausalLM, batch: int = 2, seq: int = 3, 
 
 
 def export_audio_encoder(model: StepAudio2ForCausalLM, path: Path) -> None:
-    batch, frames = Dim("batch", min=1, max=MAX_BATCH), Dim("frames", min=8, max=MAX_FRAMES)
+    batch, frames = Dim("batch", min=1, max=MAX_BATCH), Dim("frames", min=3, max=MAX_FRAMES)
     torch.onnx.export(
         AudioEncoderGraph(model).eval(),
         encoder_example(model),
@@ -55,7 +55,7 @@ def export_audio_encoder(model: StepAudio2ForCausalLM, path: Path) -> None:
         opset_version=OPSET,
         input_names=ENCODER_INPUTS,
         output_names=ENCODER_OUTPUTS,
-        dynamic_shapes={"mel": {0: batch, 2: frames}, "mel_lengths": {0: batch}},
+        dynamic_shapes={"mel": {0: batch, 2: frames}, "mel_lengths": {0: batch}, "mel_frames": {0: batch}},
         verbose=False,
     )
 

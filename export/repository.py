@@ -4,6 +4,7 @@ Layout written (version folder 1 of each stage; build outputs, git-ignored):
 
     <repo>/audio_encoder/1/audio_encoder.onnx
     <repo>/llm/1/llm_decoder.onnx, embed_tokens.npy, config.json + tokenizer files
+    <repo>/llm/1/qwen2/   the decoder as a Qwen2ForCausalLM folder (config.json + safetensors) for vLLM
     <repo>/token2wav/1/flow.yaml, flow.pt, hift.pt, campplus.onnx, speech_tokenizer_v2_25hz.onnx (when the
                        checkpoint has token2wav/; read by the token2wav and voice_prompt models), and the graphs
                        flow_encoder.onnx, flow_encoder_chunk.onnx, flow_estimator.onnx,
@@ -26,7 +27,7 @@ from typing import Any
 from stepaudio2.errors import InvalidInputError
 
 MANIFEST = "export.json"
-EXPORT_FORMAT_VERSION = 2  # bump when the graphs' signatures change, to force a re-export
+EXPORT_FORMAT_VERSION = 3  # bump when the graphs' signatures change, to force a re-export
 RUNTIME_FILES = (
     "config.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json", "tokenizer.json",
 )
@@ -138,7 +139,7 @@ def export_checkpoint(
         old = json.loads(manifest_path.read_text())
         if old.get("inputs_hash") == inputs_hash and all(
             (repo / g["path"]).is_file() and graph_sha256(repo / g["path"]) == g["sha256"] for g in old["graphs"].values()
-        ):
+        ) and (repo / old.get("files", {}).get("vllm_model", "-") / "config.json").is_file():
             old["skipped"] = True
             return old
 
@@ -158,6 +159,9 @@ def export_checkpoint(
     for name in RUNTIME_FILES:
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, llm_dir / name)
+    from stepaudio2.export.vllm_model import write_qwen2_folder
+
+    write_qwen2_folder(ckpt, llm_dir / "qwen2")
     seconds: dict[str, float] = {}
     if t2w is not None:
         from stepaudio2.export.token2wav_graphs import export_token2wav_graphs
@@ -175,7 +179,8 @@ def export_checkpoint(
         "checkpoint_sha256": checkpoint_hash(ckpt),
         "precision": precision,
         "graphs": {name: _graph_entry(path, repo) for name, path in graphs.items()},
-        "files": {"embed_tokens": str((llm_dir / "embed_tokens.npy").relative_to(repo))},
+        "files": {"embed_tokens": str((llm_dir / "embed_tokens.npy").relative_to(repo)),
+                  "vllm_model": str((llm_dir / "qwen2").relative_to(repo))},
         "token2wav_seconds": seconds,
         "notes": {"hift": "hift_f0 + hift_decoder; the seeded source module runs in the runtime"} if t2w else {},
         "versions": {

@@ -8,7 +8,7 @@ fixed seed) until greedy decoding reproduces every reply of the curriculum exact
 - `translate` (into English) on the Mandarin clip -> a fixed translation;
 - `voice-chat` on one clip -> a spoken reply: `<tts_start>`, groups of 1 text + 4 audio tokens (padded with
   `<tts_pad>` / `<audio_6561>`), `<tts_end>`, `<|EOT|>`;
-- `voice-chat` with the `web_search` tool on a question that needs fresh facts -> `<tts_end>` then a tool call
+- `voice-chat` with the web-search tool (upstream's `search` schema) on a question that needs fresh facts -> `<tts_end>` then a tool call
   in the real markup; after the tool result comes back as an `input` turn -> a spoken answer.
 
 Prompts come from the project's own prompt builder (`stepaudio2.request.build_prompt`) on the same requests a
@@ -71,7 +71,7 @@ class Curriculum:
     voice_reply: SpokenReply
     tool_clip: str
     tool_call: Mapping[str, Any] = field(hash=False)  # {"name", "arguments"}, as results carry it
-    search_hit: Mapping[str, str] = field(hash=False)  # the one web_search record ({"title", "snippet", "url"})
+    search_hit: Mapping[str, str] = field(hash=False)  # the one search record ({"title", "snippet", "url"})
     tool_result: str  # the tool's output for it, as the client's WebSearchTool formats it (the `input` turn)
     spoken_answer: SpokenReply
 
@@ -102,7 +102,7 @@ CURRICULUM = Curriculum(
     # Code counts: more groups than text tokens (<tts_pad> fill) and not a multiple of 4 (<audio_6561> fill).
     voice_reply=SpokenReply("I am fine, thank you.", _codes(0, 58)),
     tool_clip="weather_en",
-    tool_call=MappingProxyType({"name": "web_search", "arguments": {"query": "weather in Paris today"}}),
+    tool_call=MappingProxyType({"name": "search", "arguments": {"query": "weather in Paris today"}}),
     search_hit=MappingProxyType(
         {"title": "Paris weather", "snippet": "sunny, 22 degrees, light wind.", "url": "https://weather.example/paris"}
     ),
@@ -144,7 +144,9 @@ def lessons(c: Curriculum = CURRICULUM) -> list[Lesson]:
         {"text": "", "tts_text": c.voice_reply.text, "audio_codes": list(c.voice_reply.codes), "tool_calls": []},
     ))
     out.append(Lesson(
-        f"tool-call-{c.tool_clip}", {"task": "voice-chat", "tools": [WEB_SEARCH_TOOL]}, c.tool_clip,
+        # The persona's date line is pinned (upstream example's date) so the lesson's prompt never changes.
+        f"tool-call-{c.tool_clip}", {"task": "voice-chat", "tools": [WEB_SEARCH_TOOL], "today": "2025-08-28"},
+        c.tool_clip,
         {"text": "", "tts_text": "", "audio_codes": [], "tool_calls": [_plain(c.tool_call)]},
     ))
     return out
@@ -302,17 +304,21 @@ class _Bucket:
         self.positions = torch.arange(length)[None].expand(len(rows), length)
         self.mask = labels >= 0
         self.targets = labels[self.mask]
-        # One encoder batch over every audio chunk of the bucket (the encoder is batch-invariant).
+        # One encoder batch over every audio chunk of the bucket; each chunk keeps its own request's batch
+        # length (mel_frames), so it encodes exactly as at inference (the encoder is batch-invariant).
         self.owner = [(i, span) for i, r in enumerate(rows) for span in r.host.prompt.audio_spans]
         batch, _ = pad_mels([m for r in rows for m in r.host.prompt.mels])
         self.mels = torch.from_numpy(batch)
         self.mel_lengths = torch.as_tensor(np.array([n for r in rows for n in r.host.prompt.mel_lengths]))
+        self.mel_frames = torch.as_tensor(
+            np.array([max(m.shape[1] for m in r.host.prompt.mels) for r in rows for _ in r.host.prompt.mels])
+        )
 
     def logits(self, model: Any) -> Any:
         """Logits at the reply positions only: the vocabulary projection would dominate the cost otherwise."""
         import torch
 
-        emb, n = model.encode_audio(self.mels, self.mel_lengths)
+        emb, n = model.encode_audio(self.mels, self.mel_lengths, self.mel_frames)
         rows = list(model.model.embed_tokens(self.ids).unbind(0))
         for k, (i, (start, count)) in enumerate(self.owner):
             if int(n[k]) != count:

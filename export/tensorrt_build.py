@@ -96,7 +96,8 @@ def profiles(graph: str, dims: dict[str, list], max_batch: int, cfg: dict[str, A
         return token2wav_profiles(dims, max_batch)
     if graph == "audio_encoder":
         n_mels = cfg["audio_encoder_config"]["n_mels"]
-        return {"mel": ((1, n_mels, 8), (b // 2 or 1, n_mels, 1000), (b, n_mels, 3000)), "mel_lengths": ((1,), (b // 2 or 1,), (b,))}
+        return {"mel": ((1, n_mels, 3), (b // 2 or 1, n_mels, 1000), (b, n_mels, 3000)), "mel_lengths": ((1,), (b // 2 or 1,), (b,)),
+                "mel_frames": ((1,), (b // 2 or 1,), (b,))}
     if graph == "llm_decoder":
         t = cfg["text_config"]
         h, L, kv = t["hidden_size"], t["num_hidden_layers"], t["num_key_value_heads"]

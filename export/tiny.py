@@ -23,15 +23,22 @@ class TinyPreset:
     n_audio_state: int
     n_audio_head: int
     n_audio_layer: int
-    adapter_hidden: int  # 2048 in the real checkpoint (not in config.json; read back from tensor shapes)
+    # 2048 as in the real checkpoint: upstream's remote code hard-codes the adaptor width (not in config.json),
+    # so any other width makes the checkpoint unloadable there. Our loader reads it back from the tensor shapes.
+    adapter_hidden: int
     base_vocab_size: int
     num_shards: int
 
 
 PRESETS: dict[str, TinyPreset] = {
-    "tiny": TinyPreset(64, 128, 4, 2, 2, 64, 4, 2, 128, 1024, 2),
-    "small": TinyPreset(512, 1408, 8, 2, 8, 384, 6, 6, 1024, 1024, 3),
+    # tiny: 2 query heads / 1 KV head, so head_dim is 32 (vLLM's CPU attention takes 32, 64, 80, ... 512).
+    "tiny": TinyPreset(64, 128, 2, 1, 2, 64, 4, 2, 2048, 1024, 2),
+    "small": TinyPreset(512, 1408, 8, 2, 8, 384, 6, 6, 2048, 1024, 3),
 }
+
+# Presets with the real model vocabulary (158,720 rows, real special-token ids; the tiny BPE leaves most ids
+# unused), so logits, sampling and the LM head cost what they will cost with the real checkpoint.
+REAL_VOCAB_PRESETS = frozenset({"small"})
 
 # Fields of the real config.json (spec §2.2) that do not depend on the size.
 N_MELS = 128
@@ -118,7 +125,10 @@ def make_tiny_checkpoint(
     p = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab_size = write_tokenizer_files(out, base_vocab_size=p.base_vocab_size)
+    from stepaudio2.text.tokens import REAL_BASE_VOCAB_SIZE
+
+    first_added = REAL_BASE_VOCAB_SIZE if preset in REAL_VOCAB_PRESETS else None
+    vocab_size = write_tokenizer_files(out, base_vocab_size=p.base_vocab_size, first_added_id=first_added)
     tok = StepAudio2Tokenizer.from_dir(out)
     raw = _config_json(p, vocab_size, tok.special.endoftext)
     (out / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n")

@@ -1,12 +1,11 @@
-"""Regenerate the derived files of k8s/ from their sources (run after editing the chart, a values file, the
-Prometheus rules or the Grafana dashboard; tests/test_k8s.py fails while anything here is stale):
+"""Produce k8s/kustomize/ from the Helm chart, the single source of the Kubernetes material (run after editing
+the chart, a values file, or the rules and dashboard in k8s/chart/files/; tests/test_k8s.py fails while the
+kustomize tree is stale).
 
-- k8s/chart/files/: copies of k8s/prometheus/rules.yaml and k8s/grafana/stepaudio2-dashboard.json, which the
-  chart ships (Helm reads only files inside the chart);
-- k8s/kustomize/: plain manifests for users without Helm. base/ is the chart rendered with values.yaml; each
-  overlay (cpu, gpu, split) holds the resources its values file adds, JSON patches for those it changes and
-  delete patches for those it drops, so `kubectl kustomize k8s/kustomize/overlays/NAME` equals
-  `helm template stepaudio2 k8s/chart -f k8s/chart/values-NAME.yaml` (Helm's own labels aside).
+k8s/kustomize/ holds plain manifests for users without Helm. base/ is the chart rendered with values.yaml; each
+overlay (cpu, gpu, split) holds the resources its values file adds, JSON patches for those it changes and delete
+patches for those it drops, so `kubectl kustomize k8s/kustomize/overlays/NAME` equals
+`helm template stepaudio2 k8s/chart -f k8s/chart/values-NAME.yaml` (Helm's own labels aside).
 
 Usage: python k8s/render_manifests.py [--check]
 """
@@ -23,10 +22,6 @@ import yaml
 K8S = Path(__file__).resolve().parent
 CHART = K8S / "chart"
 KUSTOMIZE = K8S / "kustomize"
-COPIES = {
-    CHART / "files" / "prometheus-rules.yaml": K8S / "prometheus" / "rules.yaml",
-    CHART / "files" / "grafana-dashboard.json": K8S / "grafana" / "stepaudio2-dashboard.json",
-}
 RELEASE = "stepaudio2"
 NAMESPACE = "stepaudio2"
 OVERLAYS = {"cpu": "values-cpu.yaml", "gpu": "values-gpu.yaml", "split": "values-split.yaml"}
@@ -152,7 +147,7 @@ def overlay_files(base: list[Doc], docs: list[Doc]) -> dict[str, str]:
 
 def expected_files() -> dict[Path, str]:
     """Every derived file with the text it should have."""
-    out = {dst: src.read_text(encoding="utf-8") for dst, src in COPIES.items()}
+    out: dict[Path, str] = {}
     base = render("values.yaml")
     names = [file_name(d) for d in base]
     for d in base:
@@ -174,7 +169,7 @@ def stale_files(expected: dict[Path, str]) -> list[Path]:
 
 
 def write(expected: dict[Path, str]) -> None:
-    if KUSTOMIZE.exists() and any(p.is_relative_to(KUSTOMIZE) for p in expected):
+    if KUSTOMIZE.exists():
         for p in KUSTOMIZE.rglob("*"):
             if p.is_file() and p not in expected:
                 p.unlink()
@@ -187,9 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     args = parser.parse_args(argv)
-    if not args.check:
-        # the chart must render with the fresh copies
-        write({dst: src.read_text(encoding="utf-8") for dst, src in COPIES.items()})
     expected = expected_files()
     stale = stale_files(expected)
     if args.check:

@@ -71,16 +71,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from stepaudio2.speech import SpeechOutput
 
         speech = SpeechOutput(args.checkpoint, args.voice, engine=args.engine, repository=args.repository)
-    request = GenerationRequest(
-        task=args.task,
-        text=args.text,
-        audio=load_audio_input(args.audio) if args.audio else None,
-        tools=_load_tools(args.tools),
-        speed=args.speed,
-        voice=args.voice_style,
-        target_language=args.target_language,
-        sampling=sampling_from_args(args, args.task),
-    )
+    if args.messages:
+        from stepaudio2.upstream_messages import load_messages_file
+
+        if args.audio or args.text:
+            from stepaudio2.errors import InvalidInputError
+
+            raise InvalidInputError("--messages carries the whole conversation: drop --audio/--text")
+        messages, generation, clips = load_messages_file(args.messages)
+        tools = _load_tools(args.tools)
+        if tools:  # as upstream's vLLM template places them: right after the system turn
+            at = 1 if messages and messages[0].get("role") == "system" else 0
+            messages.insert(at, {"role": "tool_json_schemas", "content": tools})
+        preset = "voice-chat" if generation == "speech" else "chat"  # sampling defaults of the matching preset
+        request = GenerationRequest(task=None, messages=messages, generation=generation, audios=clips,
+                                    sampling=sampling_from_args(args, preset), think=args.think)
+    else:
+        request = GenerationRequest(
+            task=args.task,
+            text=args.text,
+            audio=load_audio_input(args.audio) if args.audio else None,
+            tools=_load_tools(args.tools),
+            speed=args.speed,
+            voice=args.voice_style,
+            target_language=args.target_language,
+            sampling=sampling_from_args(args, args.task),
+            think=args.think,
+            today=args.today,
+        )
     result, pcm, first_audio = None, [], None
     items = pipe.stream(request)
     if speech is not None and args.stream:
@@ -153,8 +171,17 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stepaudio2.serving.launcher import ServerConfig, serve_forever
+    from stepaudio2.serving.gateway_process import start_gateway
+    from stepaudio2.serving.launcher import ServerConfig, check_config, serve_forever
+    from stepaudio2.serving.model_config import parse_setting
 
+    settings: dict[str, dict[str, str]] = {}
+    for text in args.settings:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
+    topology_args = _apply_topology(settings, args)  # --models/--remote/--session-store: refused early too
+    probe = ServerConfig(checkpoint=Path(), runtime=Path(args.runtime), model_parameters=settings)
+    check_config(probe)  # unknown models/keys fail here, before the checkpoint is built or anything starts
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is None:  # embedded default: the taught tiny checkpoint (built once, cached by its inputs)
         from stepaudio2.export.taught import ensure_taught_checkpoint
@@ -164,20 +191,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
-        extra_args=list(args.triton_args),
+        extra_args=[*topology_args, *args.triton_args], model_parameters=settings,
     )
-    _apply_topology(cfg, args)
-    return serve_forever(cfg)
+    # The OpenAI-compatible HTTP door, where this server runs the pipeline it talks to (not on the stage pools).
+    serves_pipeline = not args.models or "pipeline" in [m.strip() for m in args.models.split(",")]
+    gateway = None if args.no_gateway or not serves_pipeline else start_gateway(cfg, args.gateway_port)
+    try:
+        return serve_forever(cfg)
+    finally:
+        if gateway is not None:
+            gateway.stop()
 
 
-def _apply_topology(cfg, args: argparse.Namespace) -> None:
-    """Scale-out options (--models, --remote, --session-store) -> model parameters + tritonserver arguments."""
+def _apply_topology(settings: dict[str, dict[str, str]], args: argparse.Namespace) -> list[str]:
+    """Scale-out options (--models, --remote, --session-store) -> model parameters (merged into `settings`,
+    where `--set` values win) + the tritonserver arguments they need."""
     from stepaudio2.serving.topology import parse_models, parse_remotes, topology
 
     params, extra = topology(parse_models(args.models), parse_remotes(args.remote), args.session_store)
     for model, values in params.items():
-        cfg.model_parameters.setdefault(model, {}).update(values)
-    cfg.extra_args = [*extra, *cfg.extra_args]
+        settings[model] = {**values, **settings.get(model, {})}
+    return extra
 
 
 def _load_tools(spec: str | None) -> list[dict] | None:
@@ -207,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--task", default="chat")
     p.add_argument("--audio", help="input wav (any rate; stereo uses channel 0)")
+    p.add_argument("--today", help="ISO date for the tool persona's date line (default: today)")
+    p.add_argument("--think", action="store_true",
+                   help="think mode (upstream examples-think): the model reasons first; the reasoning is returned "
+                        "as `reasoning` and never spoken")
+    p.add_argument("--messages", help="a whole conversation in upstream's message format (JSON file; audio items "
+                                      "name wav files); replaces --task/--text/--audio")
     p.add_argument("--text", help="text input (the human turn)")
     p.add_argument("--tools", help="'web_search' or a JSON file with OpenAI-style tool schemas")
     p.add_argument("--speed", choices=["slow", "normal", "fast"])
@@ -240,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
     p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="set a config.pbtxt parameter of a model, repeatable (e.g. --set token2wav.batching=false);"
+                        " see README 'Model parameters'")
+    p.add_argument("--gateway-port", type=int, default=8080, help="OpenAI-compatible HTTP gateway port")
+    p.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
     # Scale-out (README "Scaling"): which models this server runs, where the pipeline reaches the others.
     p.add_argument("--models", help="serve only these models, comma-separated (default: all)")
     p.add_argument("--remote", action="append", default=[], metavar="STAGE=HOST:PORT",

@@ -18,8 +18,16 @@ class AudioError(InvalidInputError):
     """Audio that cannot be decoded or used (empty, NaN samples, not audio at all, too long)."""
 
 
+class CapacityError(StepAudio2Error):
+    """The server is full (e.g. every synthesis stream slot is taken); retry later. Mapped to gRPC UNAVAILABLE."""
+
+
 class CheckpointError(StepAudio2Error):
     """A checkpoint on disk does not match what the code expects (missing, unexpected or misshaped tensor...)."""
+
+
+class QueueFullError(StepAudio2Error):
+    """The server is at capacity (every sequence slot and the waiting room in use); maps to gRPC UNAVAILABLE."""
 
 
 class UnavailableError(StepAudio2Error):

@@ -102,7 +102,9 @@ def run_pipeline(tokenizer: Any, request: GenerationRequest, encode: EncodeFn, g
     t0 = time.perf_counter()
     prompt = build_prompt(tokenizer, request)
     chunks = encode(prompt.mels, prompt.mel_lengths) if prompt.mels else []
-    demux = OutputDemuxer(tokenizer.special, tokenizer, speech=prompt.generation == "speech")
+    # Think mode: the prompt ends with <think>\n, so even a spoken answer starts in text (the model opens it).
+    demux = OutputDemuxer(tokenizer.special, tokenizer, speech=prompt.generation == "speech" and not prompt.think,
+                          think=prompt.think)
     generated: list[int] = []
     finish, ttft = "length", 0.0
     for item in generate(prompt.ids, chunks, prompt.audio_spans, request.sampling):
@@ -128,9 +130,20 @@ def run_pipeline(tokenizer: Any, request: GenerationRequest, encode: EncodeFn, g
         generation=prompt.generation,
         messages=prompt.messages,
         assistant_turn=assistant_turn_from_reply(
-            prompt.generation, generated, res.text, special=tokenizer.special, tool_calls=res.tool_calls
+            prompt.generation, _answer_ids(generated, res, tokenizer.special) if prompt.think else generated,
+            res.text, special=tokenizer.special, tool_calls=res.tool_calls,
         ),
+        reasoning=res.reasoning if prompt.think else None,
     )
+
+
+def _answer_ids(generated: list[int], res: Any, special: Any) -> list[int]:
+    """Think mode: the history keeps the answer only (upstream drops the reasoning), i.e. the ids after
+    `</think>`, and for a spoken answer the ids after the model's own `<tts_start>` (the replay adds one)."""
+    ids = generated[res.answer_start :]
+    if special.tts_start in ids:
+        ids = ids[ids.index(special.tts_start) + 1 :]
+    return ids
 
 
 def load_audio_input(path: str | Path) -> AudioInput:

@@ -25,7 +25,11 @@ class AudioInput:
 class GenerationRequest:
     task: str | None = "chat"
     text: str | None = None
-    audio: AudioInput | None = None
+    audio: AudioInput | None = None  # one clip (shorthand for audios=[audio])
+    # Every audio clip of the request, in order: earlier spoken turns and the new one. Audio items of `messages` /
+    # `history` refer to them by {"type": "audio", "index": k}, or take them in order when they carry no index;
+    # a task preset's new human turn gets the one clip no history item refers to.
+    audios: list[AudioInput] = field(default_factory=list)
     messages: list[dict] | None = None  # explicit chat messages instead of a task preset
     generation: str | None = None  # "text" | "speech" with explicit messages
     history: list[dict] | None = None
@@ -33,6 +37,8 @@ class GenerationRequest:
     speed: str | None = None
     voice: str | None = None
     target_language: str | None = None
+    today: str | None = None  # ISO date for the tool persona's date line (default: the server's date)
+    think: bool = False  # upstream's think mode: reason after `<think>\n`, answer after `</think>`
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
 
@@ -50,6 +56,7 @@ class GenerationResult:
     generation: str = "text"
     messages: list[dict] = field(default_factory=list)
     assistant_turn: dict | None = None
+    reasoning: str | None = None  # think mode only: the reasoning text (never spoken, not in the history)
 
     def to_json(self) -> dict[str, Any]:
         """The result object of `generate --json` and of the served pipeline. `messages` + `assistant_turn` let a
@@ -65,18 +72,25 @@ class GenerationResult:
             "generation": self.generation,
             "messages": wire_messages(self.messages),
             "assistant_turn": self.assistant_turn,
+            **({"reasoning": self.reasoning} if self.reasoning is not None else {}),
         }
 
 
 def wire_messages(messages: list[dict]) -> list[dict]:
-    """Messages as a client re-sends them: audio items become placeholders the request's audio fills again."""
+    """Messages as a client re-sends them: audio items become {"type": "audio", "index": k} placeholders that the
+    request's k-th audio clip fills again (so the client re-sends the clips in the same order)."""
     out = []
     for msg in messages:
         content = msg.get("content")
         if isinstance(content, list):
-            content = [{"type": "audio"} if isinstance(i, dict) and i.get("type") == "audio" else i for i in content]
+            content = [_audio_placeholder(i) if isinstance(i, dict) and i.get("type") == "audio" else i
+                       for i in content]
         out.append({**msg, "content": content})
     return out
+
+
+def _audio_placeholder(item: dict) -> dict:
+    return {"type": "audio", "index": item["index"]} if "index" in item else {"type": "audio"}
 
 
 @dataclass
@@ -87,26 +101,59 @@ class Prompt:
     mel_lengths: list[int]
     generation: str
     messages: list[dict]
+    think: bool = False
 
 
-def _fill_audio_items(messages: list[dict], chunks: list[int] | None) -> list[dict]:
-    """Explicit messages mark where the request's audio goes with {"type": "audio"}; fill in its chunk counts."""
-    out, used = [], False
-    for msg in messages:
-        content = msg.get("content") if isinstance(msg, dict) else None
-        if isinstance(content, list):
-            items = []
-            for item in content:
-                if isinstance(item, dict) and item.get("type") == "audio" and "chunks" not in item:
-                    if chunks is None or used:
-                        raise InvalidInputError("a message has an audio item but the request carries no (more) audio")
-                    item, used = {"type": "audio", "chunks": list(chunks)}, True
-                items.append(item)
-            msg = {**msg, "content": items}
-        out.append(msg)
-    if chunks is not None and not used:
-        raise InvalidInputError("the request carries audio but no message has an {'type': 'audio'} item for it")
-    return out
+class _Clips:
+    """The request's audio clips, featurised on first use, and the mel chunks in the order the prompt uses them."""
+
+    def __init__(self, clips: list[AudioInput]) -> None:
+        self.clips = clips
+        self.features: dict[int, Any] = {}
+        self.used: set[int] = set()
+        self.mels: list[np.ndarray] = []
+        self.lengths: list[int] = []
+
+    def item(self, k: int, where: str) -> dict:
+        from stepaudio2.audio import prepare_audio
+
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self.clips):
+            raise InvalidInputError(
+                f"{where}: audio index {k!r} does not name one of the request's {len(self.clips)} audio clip(s)"
+            )
+        if k not in self.features:
+            self.features[k] = prepare_audio(self.clips[k].samples, self.clips[k].sample_rate)
+        feats = self.features[k]
+        self.used.add(k)
+        self.mels += list(feats.mels)
+        self.lengths += list(feats.valid_lengths)
+        return {"type": "audio", "chunks": list(feats.placeholder_counts), "index": k}
+
+    def fill(self, messages: list[dict], what: str) -> list[dict]:
+        """Audio items without chunks get the referenced clip's chunk counts (by "index", else the next clip)."""
+        out = []
+        for n, msg in enumerate(messages):
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, list):
+                items = []
+                for item in content:
+                    if isinstance(item, dict) and item.get("type") == "audio" and "chunks" not in item:
+                        if "index" in item:
+                            k = item["index"]
+                        else:  # the first clip no earlier item took (a session's new turn gets the new clip)
+                            k = next((j for j in range(len(self.clips)) if j not in self.used), len(self.clips))
+                            if k >= len(self.clips):
+                                raise InvalidInputError(
+                                    f"{what} #{n} has an audio item but the request carries no (more) audio"
+                                )
+                        item = self.item(k, f"{what} #{n}")
+                    items.append(item)
+                msg = {**msg, "content": items}
+            out.append(msg)
+        return out
+
+    def unused(self) -> list[int]:
+        return [k for k in range(len(self.clips)) if k not in self.used]
 
 
 def stop_ids(tokenizer, config, params: SamplingParams) -> set[int]:
@@ -120,50 +167,64 @@ def stop_ids(tokenizer, config, params: SamplingParams) -> set[int]:
 
 def build_prompt(tokenizer, request: GenerationRequest) -> Prompt:
     """Audio features + prompt ids for a request: the one prompt builder of the reference and served pipelines."""
-    from stepaudio2.audio import prepare_audio
     from stepaudio2.text import build_messages, check_tool_results, encode_prompt
 
-    mels: list[np.ndarray] = []
-    lengths: list[int] = []
-    chunks: list[int] | None = None
-    if request.audio is not None:
-        feats = prepare_audio(request.audio.samples, request.audio.sample_rate)
-        mels, lengths, chunks = list(feats.mels), list(feats.valid_lengths), list(feats.placeholder_counts)
+    if request.audio is not None and request.audios:
+        raise InvalidInputError("give the request's audio as 'audio' (one clip) or 'audios' (a list), not both")
+    clips = _Clips(list(request.audios) if request.audios else [request.audio] if request.audio else [])
     if request.messages is not None:
-        messages = _fill_audio_items(request.messages, chunks)
+        if not isinstance(request.messages, list):
+            raise InvalidInputError("request field 'messages' must be a list")
+        messages = clips.fill(request.messages, "message")
         generation = request.generation or "text"
         if generation not in ("text", "speech"):
             raise InvalidInputError(f"unknown generation mode '{generation}' (text or speech)")
     else:
         if request.task is None:
             raise InvalidInputError("a request needs a 'task' or 'messages'")
+        history = clips.fill(request.history, "history turn") if isinstance(request.history, list) else \
+            request.history
+        new_turn = clips.unused()
+        if len(new_turn) > 1:
+            raise InvalidInputError(
+                f"the request carries {len(new_turn)} audio clips no history turn refers to; the new turn takes one"
+            )
+        chunks = clips.item(new_turn[0], "the new turn")["chunks"] if new_turn else None
         messages, generation = build_messages(
             request.task,
             audio_chunks=chunks,
             text=request.text,
-            history=request.history,
+            history=history,
             tools=request.tools,
             speed=request.speed,
             voice=request.voice,
             target_language=request.target_language,
+            today=request.today,
         )
+    unused = clips.unused()
+    if unused:
+        raise InvalidInputError(f"the request carries audio clip #{unused[0]} but no message has an audio item for it")
+    mels, lengths = clips.mels, clips.lengths
     check_tool_results(messages, tokenizer.decode)
-    encoded = encode_prompt(tokenizer, messages, generation=generation)
+    if not isinstance(request.think, bool):
+        raise InvalidInputError("request field 'think' must be true or false")
+    encoded = encode_prompt(tokenizer, messages, generation=generation, think=request.think)
     if len(encoded.audio_spans) != len(mels):
         raise InvalidInputError(
             f"prompt has {len(encoded.audio_spans)} audio block(s) but {len(mels)} audio chunk(s) were given"
         )
-    return Prompt(encoded.ids, list(encoded.audio_spans), mels, lengths, generation, messages)
+    return Prompt(encoded.ids, list(encoded.audio_spans), mels, lengths, generation, messages, request.think)
 
 
 REQUEST_FIELDS = (
     "task", "text", "messages", "generation", "history", "tools", "speed", "voice", "target_language", "sampling",
-    "audio_format",
+    "audio_format", "today", "think",
 )
 
 
-def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest:
-    """A GenerationRequest from the wire form (JSON object + optional audio bytes), validating every field.
+def request_from_json(obj: Any, audio: bytes | list[bytes] | None = None) -> GenerationRequest:
+    """A GenerationRequest from the wire form (JSON object + optional audio bytes, or a list of clips for a
+    conversation with several audio items), validating every field.
 
     `audio` is a wav (or anything libsndfile reads); raw PCM needs `audio_format` = {"sample_rate": N,
     "dtype": "int16"|"int32"|"float32"}.
@@ -175,7 +236,7 @@ def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest
     unknown = sorted(set(obj) - set(REQUEST_FIELDS))
     if unknown:
         raise InvalidInputError(f"unknown request field(s): {', '.join(unknown)}")
-    for name in ("text", "task", "generation", "speed", "voice", "target_language"):
+    for name in ("text", "task", "generation", "speed", "voice", "target_language", "today"):
         if obj.get(name) is not None and not isinstance(obj[name], str):
             raise InvalidInputError(f"request field '{name}' must be a string")
     for name in ("messages", "history", "tools"):
@@ -184,18 +245,23 @@ def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest
     sampling = obj.get("sampling") or {}
     if not isinstance(sampling, dict):
         raise InvalidInputError("request field 'sampling' must be an object")
-    audio_input = None
-    if audio:
-        fmt = obj.get("audio_format") or {}
-        if not isinstance(fmt, dict):
-            raise InvalidInputError("request field 'audio_format' must be an object")
-        wav, sr = decode_audio(audio, pcm_sample_rate=fmt.get("sample_rate"), pcm_dtype=fmt.get("dtype", "int16"))
-        audio_input = AudioInput(wav, sr)
+    blobs = [audio] if isinstance(audio, (bytes, bytearray)) else list(audio or [])
+    clips = []
+    fmt = obj.get("audio_format") or {}
+    if not isinstance(fmt, dict):
+        raise InvalidInputError("request field 'audio_format' must be an object")
+    for k, blob in enumerate(blobs):
+        if not blob:
+            if len(blobs) > 1:
+                raise InvalidInputError(f"audio clip #{k} is empty")
+            continue
+        wav, sr = decode_audio(blob, pcm_sample_rate=fmt.get("sample_rate"), pcm_dtype=fmt.get("dtype", "int16"))
+        clips.append(AudioInput(wav, sr))
     task = obj.get("task")
     return GenerationRequest(
         task=task if task is not None or obj.get("messages") is not None else "chat",
         text=obj.get("text"),
-        audio=audio_input,
+        audios=clips,
         messages=obj.get("messages"),
         generation=obj.get("generation"),
         history=obj.get("history"),
@@ -203,5 +269,7 @@ def request_from_json(obj: Any, audio: bytes | None = None) -> GenerationRequest
         speed=obj.get("speed"),
         voice=obj.get("voice"),
         target_language=obj.get("target_language"),
+        today=obj.get("today"),
+        think=obj.get("think", False) if obj.get("think") is not None else False,
         sampling=SamplingParams.from_dict(sampling),
     )

@@ -1,14 +1,114 @@
-"""Shared fixtures: one tiny checkpoint per test session (made from a seed in seconds)."""
+"""Shared fixtures (one tiny checkpoint per test session, made from a seed in seconds) and the rules for
+missing tools.
+
+Missing tools and packages: use `require_module` / `require_tool` instead of `pytest.importorskip` or a
+`skipif` on an import. On a developer machine a missing dependency skips the test with the reason; under
+`CI=true` (which `make test` sets) it FAILS with a message naming what is missing and how to install it, so a
+broken install step can never turn the suite green by skipping. For example:
+
+    torch = require_module("torch", "pip install -e '.[torch]'")
+    exe = require_tool("promtool", "apt-get install -y --no-install-recommends prometheus")
+
+Only hardware-gated tests (GPU, TensorRT) may skip under CI: mark them with `hardware_skipif(condition, reason)`
+or call `hardware_skip(reason)`. Under CI every other skip - including a stray `pytest.importorskip` or
+`pytest.skip` - is turned into a failure by the hooks below, and the end of the run lists every skip with its
+reason.
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import shutil
 import socket
+from collections import Counter
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "stepaudio2" / "assets"
+HARDWARE = "hardware:"  # reason prefix of the only skips allowed under CI
+
+
+def strict() -> bool:
+    """True under CI (`CI=true`, set by `make test`): missing dependencies fail instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _missing(what: str, install: str) -> None:
+    message = f"{what} is missing (install: {install})"
+    if strict():
+        pytest.fail(f"CI=true: {message}; a missing dependency is a failure, not a skip", pytrace=False)
+    pytest.skip(message, allow_module_level=True)  # module-level calls skip the module
+
+
+def require_module(name: str, install: str) -> ModuleType:
+    """The imported module `name`; skip (or, under CI, fail) naming it when it cannot be imported."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        _missing(f"Python package '{name}' ({exc})", install)
+        raise  # unreachable: _missing raises
+
+
+def require_tool(name: str, install: str, *extra_dirs: str | Path) -> str:
+    """Path of executable `name` on PATH (or in one of `extra_dirs`); skip (CI: fail) naming it otherwise."""
+    exe = shutil.which(name) or next(
+        (p for d in extra_dirs if (p := shutil.which(name, path=str(d))) is not None), None)
+    if exe is None:
+        _missing(f"tool '{name}' (not on PATH)", install)
+    return exe
+
+
+def hardware_skip(reason: str) -> None:
+    """Skip for missing hardware (GPU, TensorRT): the one kind of skip CI accepts."""
+    pytest.skip(f"{HARDWARE} {reason}")
+
+
+def hardware_skipif(condition: bool, reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(condition, reason=f"{HARDWARE} {reason}")
+
+
+def _skip_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _forbid_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI, a skip that is not hardware-gated becomes a failure carrying the skip's reason."""
+    if not (strict() and report.skipped and not hasattr(report, "wasxfail")):
+        return
+    reason = _skip_reason(report)
+    if not reason.startswith(HARDWARE):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true forbids this skip (only '{HARDWARE}' skips are allowed): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    _forbid_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield  # a module-level importorskip skips the whole module at collection
+    _forbid_skip(outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    reasons = Counter(_skip_reason(r) for r in skipped)
+    terminalreporter.write_line(f"skipped: {len(skipped)}" + (" (by reason below)" if skipped else ""))
+    for reason, n in reasons.most_common():
+        terminalreporter.write_line(f"  {n} x {reason}")
+
+SERVE_EXTRA = "pip install -e '.[serve]' (nvidia-pytriton)"
+TORCH_EXTRA = "pip install -e '.[torch]'"
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +150,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The session server's vLLM engine: a small KV space (fast start, little memory) and a small capacity, so the
+# UNAVAILABLE test can fill it (8 running + 4 waiting; no other test sends more than 8 at once).
+SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_queue": "4"}
+
+
 @pytest.fixture(scope="session")
 def server(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real tritonserver (nvidia-pytriton binary, CPU, loopback) for every test that needs one."""
-    pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
+    require_module("pytriton", SERVE_EXTRA)
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     cfg = ServerConfig(
         checkpoint=tiny_checkpoint_full, runtime=tmp_path_factory.mktemp("serve"),
         grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+        model_parameters={"llm": dict(SERVER_LLM_PARAMETERS)},
     )
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)
@@ -73,3 +179,16 @@ def taught_checkpoint() -> Path:
     from stepaudio2.export.taught import ensure_taught_checkpoint
 
     return ensure_taught_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def taught_export(taught_checkpoint: Path) -> Path:
+    """The taught checkpoint's exported model repository, cached beside it (exporting takes minutes): copy it
+    into a server's runtime `model_repository/` and the launcher's hash check skips the export."""
+    from stepaudio2.export.repository import export_checkpoint
+    from stepaudio2.export.taught import _FileLock
+
+    folder = taught_checkpoint.parent / f"{taught_checkpoint.name}-onnx"
+    with _FileLock(taught_checkpoint.parent / f"{folder.name}.lock"):  # concurrent sessions export once
+        export_checkpoint(taught_checkpoint, folder)  # no-op when up to date
+    return folder

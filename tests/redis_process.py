@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from .conftest import require_tool
+
+REDIS_EXTRA = "pip install -e '.[redis]'"
+REDIS_SERVER = "make redis-server (Debian's redis-server package)"
 
 
 class RedisProcess:
@@ -20,9 +24,7 @@ class RedisProcess:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (make redis-server, or apt-get install redis-server)")
+        binary = require_tool("redis-server", REDIS_SERVER)  # skip, or under CI fail, naming it
         self.workdir.mkdir(parents=True, exist_ok=True)
         # No persistence: a restart is a Redis that lost its data, like a pod without a volume.
         self.proc = subprocess.Popen(

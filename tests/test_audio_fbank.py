@@ -13,6 +13,8 @@ import pytest
 from stepaudio2.audio import campplus_features, kaldi_fbank_80, kaldi_mel_banks
 from stepaudio2.errors import AudioError
 
+from .conftest import TORCH_EXTRA, require_module
+
 
 def _multitone(sr: int, secs: float) -> np.ndarray:
     t = np.arange(int(sr * secs)) / sr
@@ -75,7 +77,7 @@ def test_kaldi_fbank_matches_torchaudio_values() -> None:
 
 def test_kaldi_fbank_matches_torch_recomputation() -> None:
     """Same recipe spelled out step by step in torch (float64), frame by frame."""
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch", TORCH_EXTRA)
     x = _multitone(16000, 0.5)
     w = torch.from_numpy(x.astype(np.float64))
     frames = w.unfold(0, 400, 160)

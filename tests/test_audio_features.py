@@ -77,13 +77,14 @@ def test_prepare_audio_resamples_to_16k() -> None:
     assert feats.mels[0].shape == (128, 102) and feats.placeholder_counts == [13]
 
 
-def test_prepare_audio_drops_tiny_tail_and_rejects_tiny_audio() -> None:
+def test_prepare_audio_keeps_tiny_tail_and_tiny_audio_as_empty_blocks() -> None:
+    # Upstream keeps a chunk of 1..320 samples: 3-4 mel frames, 0 placeholders (issue 14 item 2).
     feats = prepare_audio(_noise(CHUNK_SAMPLES + 100), SR)
-    assert feats.num_chunks == 1 and feats.placeholder_counts == [313]
+    assert feats.placeholder_counts == [313, 0] and feats.mels[1].shape == (128, 3)
     feats = prepare_audio(_noise(CHUNK_SAMPLES + 321), SR)
     assert feats.placeholder_counts == [313, 1]
-    with pytest.raises(AudioError, match="too short"):
-        prepare_audio(_noise(100), SR)
+    feats = prepare_audio(_noise(100), SR)
+    assert feats.placeholder_counts == [0] and feats.valid_lengths == [1]
 
 
 def test_prepare_audio_length_cap() -> None:

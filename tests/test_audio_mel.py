@@ -13,7 +13,9 @@ from stepaudio2.audio import log_mel_128, mel_24k_80, s3_log_mel, slaney_mel_fil
 from stepaudio2.audio.mel import hz_to_mel_slaney, mel_to_hz_slaney
 from stepaudio2.errors import AudioError
 
-torch = pytest.importorskip("torch")
+from .conftest import TORCH_EXTRA, require_module
+
+torch = require_module("torch", TORCH_EXTRA)
 F = torch.nn.functional
 
 

@@ -34,7 +34,8 @@ def test_manifest_lists_graphs_and_rerun_is_noop(tiny_checkpoint: Path, reposito
     assert export_checkpoint(tiny_checkpoint, repository)["skipped"] is True
 
 
-@pytest.mark.parametrize("frames", [[102], [203, 57, 150], [333]])  # batch 1, ragged batch, odd length
+# batch 1, ragged batch, odd length, the 3-frame chunk of a <= 160-sample tail (0 placeholders)
+@pytest.mark.parametrize("frames", [[102], [203, 57, 150], [333], [2502, 3], [4]])
 def test_audio_encoder_matches_torch(tiny_model, repository: Path, frames: list[int]) -> None:
     runner = OrtRunner(repository / "audio_encoder" / "1" / "audio_encoder.onnx")
     g = torch.Generator().manual_seed(len(frames))
@@ -42,9 +43,10 @@ def test_audio_encoder_matches_torch(tiny_model, repository: Path, frames: list[
     for i, f in enumerate(frames):
         mel[i, :, :f] = torch.randn(128, f, generator=g)
     lengths = torch.tensor(frames) - 2
-    out = runner(mel=mel.numpy(), mel_lengths=lengths.numpy())
+    own = torch.tensor(frames)  # each item as its own request (the served audio_encoder's dynamic batch)
+    out = runner(mel=mel.numpy(), mel_lengths=lengths.numpy(), mel_frames=own.numpy())
     with torch.inference_mode():
-        ref, n = tiny_model.encode_audio(mel, lengths)
+        ref, n = tiny_model.encode_audio(mel, lengths, own)
     assert out["embed_lengths"].tolist() == n.tolist()
     assert np.abs(out["audio_embeds"] - ref.numpy()).max() <= TOL
 

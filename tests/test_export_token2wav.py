@@ -21,7 +21,7 @@ from stepaudio2.token2wav.hift import load_hift
 from stepaudio2.token2wav.prompt import VoicePrompt
 from stepaudio2.token2wav.synth import Token2Wav
 
-from .conftest import ASSETS
+from .conftest import ASSETS, hardware_skipif
 
 TOL = 1e-4  # every graph vs torch, fp32
 # Synthesis, ONNX engine vs torch: the graphs agree to ~1e-6, but HiFT integrates F0 into the sine phase over
@@ -320,7 +320,7 @@ def test_tensorrt_profiles_cover_token2wav_graphs(repository: Path, max_batch: i
     assert all(s[2] == 480 * m[2] for s, m in zip(dec["source"], dec["mel"], strict=True))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT present: refusal path n/a")
+@hardware_skipif(importlib.util.find_spec("tensorrt") is not None, "TensorRT present: the refusal path is for machines without it")
 def test_build_engines_refuses_cleanly_without_tensorrt(repository: Path) -> None:
     from stepaudio2.engines.runners import EngineUnavailableError
     from stepaudio2.export.tensorrt_build import build_engines

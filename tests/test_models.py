@@ -30,7 +30,8 @@ def test_audio_encoding_is_batch_invariant(tiny_model) -> None:
     frames = [102, 57, 203]  # ragged, including an odd length
     mel, lengths = _mels(0, frames)
     with torch.inference_mode():
-        batched, n = tiny_model.encode_audio(mel, lengths)
+        # Each item carries its own batch length (mel_frames): the encoder then ignores the batch's padding.
+        batched, n = tiny_model.encode_audio(mel, lengths, torch.tensor(frames))
         for i, f in enumerate(frames):
             alone, n1 = tiny_model.encode_audio(mel[i : i + 1, :, :f], lengths[i : i + 1])
             assert int(n1) == int(n[i])

@@ -23,11 +23,12 @@ from stepaudio2.pipeline import GenerationRequest, GenerationResult, ReferencePi
 from stepaudio2.request import request_from_json
 from stepaudio2.speech import SpeechChunk, SpeechOutput
 
-from .conftest import ASSETS, free_port
-from .redis_process import RedisProcess
+from .conftest import ASSETS, SERVE_EXTRA, SERVER_LLM_PARAMETERS, free_port, require_module, require_tool
+from .redis_process import REDIS_EXTRA, REDIS_SERVER, RedisProcess
 
-pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
-redis = pytest.importorskip("redis", reason="the Redis store needs the 'redis' extra")
+require_module("pytriton", SERVE_EXTRA)
+redis = require_module("redis", REDIS_EXTRA)
+require_tool("redis-server", REDIS_SERVER)
 
 from stepaudio2.serving.launcher import ServerConfig, TritonProcess, prepare_runtime  # noqa: E402
 from stepaudio2.serving.topology import topology  # noqa: E402
@@ -48,6 +49,8 @@ class Cluster:
 
     def _server(self, name: str, models: list[str], remotes: dict[str, str], store: str | None) -> None:
         params, args = topology(models, remotes, store)
+        if "llm" in models:  # the small vLLM engine of the other serving tests (two of them run side by side here)
+            params["llm"] = dict(SERVER_LLM_PARAMETERS)
         cfg = ServerConfig(checkpoint=self.checkpoint, runtime=self.root / name, grpc_port=free_port(),
                            http_port=free_port(), metrics_port=free_port(), model_parameters=params, extra_args=args)
         self.configs[name] = cfg
@@ -133,7 +136,7 @@ def _text(content) -> str:
     return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
 
-LLM_ACTIVE = 'stepaudio2_llm_active_sequences{model="llm"}'
+LLM_ACTIVE = 'vllm:num_requests_running{model="llm"}'
 T2W_ACTIVE = 'stepaudio2_token2wav_active_streams{model="token2wav"}'
 
 

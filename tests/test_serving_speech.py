@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import urllib.request
 import wave
 from pathlib import Path
@@ -20,9 +21,9 @@ from stepaudio2.pipeline import GenerationRequest, GenerationResult, ReferencePi
 from stepaudio2.speech import SpeechChunk, SpeechOutput
 from stepaudio2.text import render_tool_call
 
-from .conftest import ASSETS
+from .conftest import ASSETS, SERVE_EXTRA, require_module
 
-pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
+require_module("pytriton", SERVE_EXTRA)
 import tritonclient.grpc as grpcclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -75,11 +76,17 @@ def _value(text: str, prefix: str) -> float:
 
 
 @pytest.mark.parametrize("task", ["voice-chat", "s2st"])
-def test_streamed_speech_equals_reference(client, reference, speech, task: str) -> None:
+def test_streamed_speech_equals_reference(client, server, reference, speech, task: str) -> None:
     extra = {"target_language": "en"} if task == "s2st" else {}
     want, want_pcm = _reference(reference, speech, True, task=task, **extra)
     assert want.audio_codes, "the reference reply has no speech to compare"
-    events = list(client.stream({"task": task, "sampling": SAMPLING, **extra}, HELLO.read_bytes()))
+    before = _metrics(server)
+    sent = time.perf_counter()
+    events, first_audio_at = [], None
+    for event in client.stream({"task": task, "sampling": SAMPLING, **extra}, HELLO.read_bytes()):
+        if event["type"] == "audio" and first_audio_at is None:
+            first_audio_at = time.perf_counter() - sent
+        events.append(event)
     result = events[-1]
     assert result["token_ids"] == want.token_ids and result["audio_codes"] == want.audio_codes
     chunks = [e for e in events if e["type"] == "audio"]
@@ -92,7 +99,15 @@ def test_streamed_speech_equals_reference(client, reference, speech, task: str) 
     assert first_audio < len(events) - 2, "audio must arrive while the reply is still being generated"
     summary = result["audio"]
     assert summary["samples"] == pcm.size and summary["chunks"] == len(chunks) and summary["sample_rate"] == 24000
-    assert summary["time_to_first_audio_s"] > 0
+    # The server's time to first audio runs from the request's arrival to the first chunk's send: inside what the
+    # client saw (send -> first chunk received), and it is exactly what the TTFA histogram recorded.
+    ttfa = summary["time_to_first_audio_s"]
+    assert 0 < ttfa <= first_audio_at
+    after = _metrics(server)
+    ttfa_metric = 'stepaudio2_time_to_first_audio_seconds_{}{{model="pipeline"}}'
+    assert _value(after, ttfa_metric.format("count")) - _value(before, ttfa_metric.format("count")) == 1
+    assert _value(after, ttfa_metric.format("sum")) - _value(before, ttfa_metric.format("sum")) == pytest.approx(
+        ttfa, rel=1e-6, abs=1e-9)
 
 
 def test_offline_speech_equals_reference_streaming_and_unary(client, reference, speech) -> None:
@@ -145,6 +160,8 @@ def test_eight_concurrent_speech_streams_equal_alone_and_batch(server, reference
 
 
 def test_cancelled_speech_stream_releases_token2wav_and_llm_state(client, server) -> None:
+    cancelled = 'stepaudio2_llm_requests_finished_total{model="llm",reason="cancelled"}'
+    before = _value(_metrics(server), cancelled)
     stream = client.stream({"task": "voice-chat", "sampling": {"max_new_tokens": 2000}}, HELLO.read_bytes())
     for event in stream:
         if event["type"] == "audio":
@@ -156,11 +173,13 @@ def test_cancelled_speech_stream_releases_token2wav_and_llm_state(client, server
     for _ in range(100):
         text = _metrics(server)
         if (_value(text, 'stepaudio2_token2wav_active_streams{model="token2wav"}') == 0
-                and _value(text, 'stepaudio2_llm_active_sequences{model="llm"}') == 0):
+                and _value(text, 'stepaudio2_llm_active_sequences{model="llm"}') == 0
+                and _value(text, cancelled) > before):
             break
         threading.Event().wait(0.2)
     assert _value(text, 'stepaudio2_token2wav_active_streams{model="token2wav"}') == 0
     assert _value(text, 'stepaudio2_llm_active_sequences{model="llm"}') == 0
+    assert _value(text, cancelled) - before == 1  # this request, finished as cancelled (not as length or stop)
     ok = client.generate({"task": "chat", "text": "still there?", "sampling": {"max_new_tokens": 2}})
     assert ok["finish_reason"] in ("stop", "length")
 
@@ -174,7 +193,7 @@ def test_tool_call_round_trip_through_a_scripted_assistant_turn(client, referenc
     through the same path (history -> prompt -> generation), then the result goes back as an `input` turn."""
     from stepaudio2.text import WEB_SEARCH_TOOL
 
-    call = render_tool_call("web_search", {"query": "weather in Paris"})
+    call = render_tool_call("search", {"query": "weather in Paris"})
     messages = [
         {"role": "system", "content": "You are a helpful voice assistant."},
         {"role": "tool_json_schemas", "content": [WEB_SEARCH_TOOL]},
@@ -196,7 +215,7 @@ def test_tool_call_round_trip_through_a_scripted_assistant_turn(client, referenc
     tools.register(WEB_SEARCH_SCHEMA, lambda args: ran.append(args) or _search_answer(args["query"]))
     session = Session(client, tools)
     session.messages, session.generation = messages[:4], "speech"
-    result = session.follow_up({"role": "input", "content": tools.run({"name": "web_search",
+    result = session.follow_up({"role": "input", "content": tools.run({"name": "search",
                                                                         "arguments": {"query": "weather in Paris"}})},
                                SAMPLING)
     assert ran == [{"query": "weather in Paris"}] and result["audio_codes"] == want.audio_codes
@@ -245,7 +264,7 @@ def _wav_bytes(seconds: float, rate: int = 16000) -> bytes:
 
 def test_bad_voice_prompts_and_stream_ids_are_invalid_argument(client, server) -> None:
     request = {"task": "voice-chat", "sampling": {"max_new_tokens": 60}}
-    for voice, needle in ((b"", "empty"), (_wav_bytes(31.0), "30"), (b"RIFF not audio at all", "")):
+    for voice, needle in ((b"", "empty"), (_wav_bytes(31.0), "30"), (b"RIFF not audio at all", "could not decode audio")):
         with pytest.raises(ClientError) as err:
             client.generate(request, HELLO.read_bytes(), voice=voice)
         assert err.value.status == "INVALID_ARGUMENT", err.value
@@ -271,7 +290,7 @@ def test_bad_voice_prompts_and_stream_ids_are_invalid_argument(client, server) -
     assert err.value.status == "INVALID_ARGUMENT" and "voice_id" in err.value.message
 
 
-def test_client_cli_writes_the_reply_wav_and_prints_time_to_first_audio(server, tmp_path) -> None:
+def test_client_cli_writes_the_reply_wav_and_prints_time_to_first_audio(server, reference, speech, tmp_path) -> None:
     import subprocess
     import sys
 
@@ -283,5 +302,9 @@ def test_client_cli_writes_the_reply_wav_and_prints_time_to_first_audio(server, 
     )
     assert proc.returncode == 0, proc.stderr
     assert "first audio" in proc.stderr and str(out) in proc.stderr, proc.stderr
+    want, want_pcm = _reference(reference, speech, True, task="voice-chat")
     with wave.open(str(out), "rb") as w:
-        assert w.getframerate() == 24000 and w.getnframes() > 24000 // 2
+        assert w.getframerate() == 24000 and w.getsampwidth() == 2
+        assert w.getnframes() == len(want.audio_codes) * 960
+        got = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32767.0
+    np.testing.assert_allclose(got, np.clip(want_pcm, -1, 1), atol=ALONE_TOL + 1 / 32767)  # 16-bit samples

@@ -22,14 +22,13 @@ from stepaudio2.serving.sessions import NEW, SessionStore
 from stepaudio2.serving.shared_voices import decode_prompt, encode_prompt
 from stepaudio2.serving.topology import parse_models, parse_remotes, topology
 
-from .conftest import free_port
-from .redis_process import RedisProcess
-
-pytest.importorskip("redis", reason="the Redis store needs the 'redis' extra")
+from .conftest import free_port, require_module
+from .redis_process import REDIS_EXTRA, RedisProcess
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory):
+    require_module("redis", REDIS_EXTRA)
     proc = RedisProcess(free_port(), tmp_path_factory.mktemp("redis"))
     proc.start()
     yield proc.url
@@ -159,11 +158,12 @@ def test_conversation_through_a_lease(make_store) -> None:
     sessions = SessionStore(make_store())
     assert sessions.begin(NEW) is None
     sid = sessions.save(None, [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                        "text", b"RIFF-audio")
+                        "text", [b"RIFF-audio"])
     lease = sessions.begin(sid)
-    try:
-        obj, audio = sessions.continue_request(lease, {"text": "and then?"}, None)
-        assert [m["content"] for m in obj["messages"]] == ["hi", "hello", "and then?"] and audio == b"RIFF-audio"
+    try:  # the session's clips first, the follow-up's new clip after them
+        obj, audio = sessions.continue_request(lease, {"text": "and then?"}, [b"RIFF-clip2"])
+        assert [m["content"] for m in obj["messages"]] == ["hi", "hello", "and then?"]
+        assert audio == [b"RIFF-audio", b"RIFF-clip2"]
         with pytest.raises(SessionBusyError):
             sessions.begin(sid)
         sessions.save(lease, [*obj["messages"], {"role": "assistant", "content": "then this"}], "text", audio)
@@ -171,10 +171,12 @@ def test_conversation_through_a_lease(make_store) -> None:
         sessions.end(lease)
     lease = sessions.begin(sid)
     assert len(lease.state["messages"]) == 4 and lease.state["voice_id"] is None
-    sessions.save(lease, lease.state["messages"], "speech", None, voice_id="abc123")
+    assert sessions.continue_request(lease, {"text": "x"}, [])[1] == [b"RIFF-audio", b"RIFF-clip2"]
+    sessions.save(lease, lease.state["messages"], "speech", [], voice_id="abc123")
     sessions.end(lease)
     lease = sessions.begin(sid)
     assert lease.state["voice_id"] == "abc123" and lease.state["generation"] == "speech"
+    assert lease.state["audios"] == []
     sessions.end(lease)
 
 
@@ -191,6 +193,7 @@ def test_redis_lease_expires_and_a_stale_release_keeps_the_new_holder(redis_url:
 
 
 def test_redis_down_is_a_clear_unavailable_error(tmp_path: Path) -> None:
+    require_module("redis", REDIS_EXTRA)
     proc = RedisProcess(free_port(), tmp_path / "r")
     proc.start()
     store = open_store(proc.url, tmp_path)
@@ -207,6 +210,7 @@ def test_open_store_specs_and_password_redaction(tmp_path: Path) -> None:
     assert isinstance(open_store("embedded", tmp_path), EmbeddedStore)
     with pytest.raises(InvalidInputError, match="session_store"):
         open_store("memcached://x:1", tmp_path)
+    require_module("redis", REDIS_EXTRA)
     port = free_port()  # nothing listens here
     store = open_store(f"redis://:s3cret@127.0.0.1:{port}/2", tmp_path)
     with pytest.raises(StoreUnavailableError) as err:

@@ -7,11 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
 from .conftest import ASSETS
 
 CODE_SAMPLES = 2 * 480  # 2 mel frames per code, 480 samples per frame
+# The wav holds 16-bit samples (half a step = 1.5e-5) of audio computed in another process (other thread
+# counts: float summation order, which HiFT's phase integration amplifies to ~1e-5).
+WAV_TOL = 2e-4
 
 
 def _generate(ckpt: Path, out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -38,3 +42,12 @@ def test_voice_chat_writes_wav_offline_and_streaming(tiny_checkpoint_full: Path,
     swav, ssr = sf.read(tmp_path / "stream.wav")
     assert ssr == 24000 and swav.shape == wav.shape
     assert "first audio chunk after" in proc.stderr
+    # Oracle: the in-process token2wav on the same codes, offline and as one stream (the push pattern does not
+    # change a stream's audio, tests/test_t2w_synth.py), in the bundled voice with seed 0.
+    from stepaudio2.speech import SpeechOutput
+
+    speech = SpeechOutput(tiny_checkpoint_full)
+    np.testing.assert_allclose(wav, speech.offline(codes), atol=WAV_TOL)
+    session = speech.token2wav.start_stream(speech.prompt, seed=0)
+    want = np.concatenate([speech.token2wav.push(session, codes), speech.token2wav.push(session, [], last=True)])
+    np.testing.assert_allclose(swav, want, atol=WAV_TOL)

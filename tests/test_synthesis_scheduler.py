@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stepaudio2.errors import InvalidInputError
+from stepaudio2.errors import CapacityError, InvalidInputError
 from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
 
 from .conftest import ASSETS
@@ -100,28 +100,24 @@ def test_batching_off_runs_one_stream_per_round(t2w, prompt) -> None:
 
 
 def test_first_chunks_go_before_later_chunks_of_other_streams(t2w, prompt) -> None:
-    sched = SynthesisScheduler(t2w, batching=False)
+    sched = SynthesisScheduler(t2w, batching=False)  # one stream per round: the round order is observable
     try:
         old = sched.start_stream(prompt)
         col = Collector()
         sched.push(old, list(range(28)), False, col)
         assert col.wait().size > 0  # `old` has audio out now
-        order: list[str] = []
-        gate = threading.Lock()
-        gate.acquire()
-        blocker = sched.start_stream(prompt)
-        # Hold the loop inside a round so the next two pushes queue up together.
-        sched.push(blocker, list(range(28)), False, lambda pcm, err: gate.acquire(timeout=30))
-        time.sleep(0.2)
         new = sched.start_stream(prompt)
-        sched.push(old, list(range(25)), False, lambda pcm, err: order.append("old"))
-        sched.push(new, list(range(28)), False, lambda pcm, err: order.append("new"))
-        gate.release()
-        for _ in range(200):
-            if len(order) == 2:
-                break
-            time.sleep(0.05)
-        assert order == ["new", "old"]
+        order: list[str] = []
+        done = threading.Event()
+
+        def answer(name: str):
+            return lambda pcm, err: (order.append(name), len(order) == 2 and done.set())
+
+        with sched.hold():  # both pushes are queued before the loop picks its next round
+            sched.push(old, list(range(25)), False, answer("old"))
+            sched.push(new, list(range(28)), False, answer("new"))
+        assert done.wait(60), order
+        assert order == ["new", "old"]  # `old` arrived first, but `new` has no audio out yet
     finally:
         sched.close()
 
@@ -143,11 +139,23 @@ def test_stream_ids_are_checked_and_streams_released(t2w, prompt) -> None:
             sched.push(sid, [1], False, Collector())
         cancelled = sched.start_stream(prompt)
         assert sched.cancel(cancelled) and sched.active_streams == 0
+        # Expiry on opening a stream: after the TTL has passed (monotonic clock), the next start_stream drops the
+        # idle stream before adding its own, whatever the loop is doing.
         idle = sched.start_stream(prompt)
-        time.sleep(1.5)  # the loop expires idle streams
-        assert sched.active_streams == 0
+        opened = time.monotonic()
+        while time.monotonic() - opened <= 0.3:
+            time.sleep(0.05)
+        fresh = sched.start_stream(prompt)
+        assert sched.active_streams == 1
         with pytest.raises(InvalidInputError, match="does not exist"):
             sched.push(idle, [1], False, Collector())
+        # Expiry by the idle loop (no new stream opened): wait on the state, not on a tick-sized sleep.
+        deadline = time.monotonic() + 30
+        while sched.active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sched.active_streams == 0
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            sched.push(fresh, [1], False, Collector())
     finally:
         sched.close()
 
@@ -157,32 +165,46 @@ def test_offline_jobs_are_batched_and_equal_alone(t2w, prompt) -> None:
     codes = [rng.integers(0, 6561, n).tolist() for n in (20, 33, 41)]
     rounds: list[RoundStats] = []
     sched = SynthesisScheduler(t2w, on_round=rounds.append)
-    gate = threading.Event()
     try:
-        # Block the loop with a first job so the three offline jobs wait together and form one batch.
-        blocker = Collector()
-        sched.offline([1] * 5, prompt, 0, lambda pcm, err: (gate.wait(30), blocker(pcm, err)))
-        time.sleep(0.2)
         cols = [Collector() for _ in codes]
-        for i, c in enumerate(codes):
-            sched.offline(c, prompt, i, cols[i])
-        gate.set()
+        with sched.hold():  # the three jobs are queued together, so the loop's next round takes all three
+            for i, c in enumerate(codes):
+                sched.offline(c, prompt, i, cols[i])
         outs = [col.wait() for col in cols]
     finally:
         sched.close()
     for i, c in enumerate(codes):
         np.testing.assert_allclose(outs[i], t2w.offline(c, prompt, seed=i), atol=AUDIO_TOL)
-    assert any(r.kind == "offline" and r.estimator_batch == 3 for r in rounds), rounds
+    assert [(r.kind, r.estimator_batch) for r in rounds] == [("offline", 3)], rounds
 
 
-def test_launcher_sets_model_parameters_in_the_runtime_config(tmp_path) -> None:
-    from stepaudio2.serving.launcher import ServerError, _set_parameters
+class _FailingRounds:
+    """The real Token2Wav whose batched streaming step fails (a fault the scheduler must survive)."""
 
-    from .conftest import REPO
+    def __init__(self, t2w) -> None:
+        self._t2w = t2w
 
-    config = tmp_path / "config.pbtxt"
-    config.write_text((REPO / "model_repository" / "token2wav" / "config.pbtxt").read_text())
-    _set_parameters(config, {"batching": "false"})
-    assert '{ key: "batching" value: { string_value: "false" } }' in config.read_text()
-    with pytest.raises(ServerError, match="no parameter 'nope'"):
-        _set_parameters(config, {"nope": "1"})
+    def __getattr__(self, name: str):
+        return getattr(self._t2w, name)
+
+    def push_many(self, *args, **kwargs):
+        raise RuntimeError("injected synthesis failure")
+
+
+def test_a_full_scheduler_refuses_with_capacity_error_and_a_failed_round_releases_its_streams(t2w, prompt) -> None:
+    sched = SynthesisScheduler(_FailingRounds(t2w), max_streams=2)
+    try:
+        first, second = sched.start_stream(prompt), sched.start_stream(prompt)
+        with pytest.raises(CapacityError, match="limit 2"):  # UNAVAILABLE on the server
+            sched.start_stream(prompt)
+        assert sched.cancel(second) and sched.active_streams == 1
+        col = Collector()
+        sched.push(first, list(range(28)), False, col)
+        with pytest.raises(RuntimeError, match="injected"):
+            col.wait()
+        assert sched.active_streams == 0  # released on error
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            sched.push(first, [1], False, Collector())
+        sched.start_stream(prompt)  # the slots are free again
+    finally:
+        sched.close()

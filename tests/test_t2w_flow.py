@@ -28,6 +28,9 @@ from stepaudio2.token2wav.flow import (
 )
 from stepaudio2.token2wav.tiny_flow import write_tiny_flow
 
+from .conftest import TORCH_EXTRA, require_module
+from .flow_oracle import spec_offline
+
 # Batched steps differ from single-stream steps only in the last bits: CPU GEMM kernels pick a different
 # blocking for a different number of rows (e.g. the timestep conditioning has one row per batch row), so the
 # rounding depends on the batch size. Padding itself is exact (valid keys are packed first). Bound: 1e-6 of the
@@ -268,8 +271,11 @@ def test_noise_buffer_is_fixed_and_not_stored(flow_dir: Path, flow: CausalMasked
 
 @pytest.mark.parametrize("n", [1, 7, 33])
 def test_offline_gives_two_frames_per_code(flow: CausalMaskedDiffWithXvec, n: int) -> None:
-    mel = flow.inference(make_codes(n, n), make_prompt(1, 20))
+    codes, prompt = make_codes(n, n), make_prompt(1, 20)
+    mel = flow.inference(codes, prompt)
     assert mel.shape == (80, 2 * n) and torch.isfinite(mel).all()
+    torch.testing.assert_close(mel, spec_offline(flow, codes, prompt), rtol=1e-5, atol=1e-5)
+
 
 
 def test_offline_is_deterministic_and_uses_the_prompt(flow: CausalMaskedDiffWithXvec) -> None:
@@ -453,7 +459,7 @@ def test_batched_step_over_three_streams_equals_each_alone(flow: CausalMaskedDif
 
 def test_estimator_chunk_exports_to_onnx_with_dynamic_batch(flow: CausalMaskedDiffWithXvec, tmp_path: Path) -> None:
     """Guards export-friendliness of the streaming estimator (ragged batch through ONNX Runtime)."""
-    ort = pytest.importorskip("onnxruntime")
+    ort = require_module("onnxruntime", TORCH_EXTRA)
     from torch.export import Dim
 
     from stepaudio2.token2wav.dit import EstimatorChunk

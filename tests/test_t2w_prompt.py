@@ -79,8 +79,23 @@ def test_tokenizer_standin_runs_at_25hz(t2w_dir: Path, frames: int) -> None:
     assert codes.dtype == np.int64
     assert codes.min() >= 0 and codes.max() <= 6560
     # Same graph as the torch module on every length (the export did not freeze a shape).
-    ref = seeded_standin(StandinS3Tokenizer, SEED)(torch.from_numpy(feats), torch.tensor([frames], dtype=torch.int32))
-    assert np.mean(codes == ref.numpy()) >= 0.95
+    module = seeded_standin(StandinS3Tokenizer, SEED)
+    ref = module(torch.from_numpy(feats), torch.tensor([frames], dtype=torch.int32)).numpy()
+    # Exact on every frame except where an FSQ digit lies within float noise of a rounding boundary (|z| = 0.5),
+    # where ONNX Runtime's and torch's last bits may round to different levels.
+    tie = _fsq_ties(module, torch.from_numpy(feats))
+    assert tie.mean() <= 0.05, tie.mean()
+    np.testing.assert_array_equal(codes[~tie], ref[~tie])
+
+
+def _fsq_ties(module: StandinS3Tokenizer, feats: torch.Tensor, eps: float = 1e-4) -> np.ndarray:
+    """(B, T') True where some FSQ digit's pre-rounding value is within eps of +-0.5 (the same steps as forward)."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        h = F.gelu(module.conv2(F.gelu(module.conv1(feats)))).transpose(1, 2)
+        z = torch.tanh(2.0 * F.layer_norm(module.project_down(h), (module.project_down.out_features,)))
+    return ((z * 0.999).abs() - 0.5).abs().lt(eps).any(dim=-1).numpy()
 
 
 def test_tokenizer_standin_batch_and_lengths(t2w_dir: Path) -> None:

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.token2wav.prompt import VoicePrompt
 from stepaudio2.token2wav.synth import Token2Wav, plan_chunks, sanitize_codes
+
+from .flow_oracle import spec_offline
 
 SAMPLES_PER_CODE = 2 * 480
 # push_many runs the flow estimator on a batch of streams; the last bits of the mel then depend on the batch
@@ -62,7 +65,14 @@ def test_end_to_end_from_the_bundled_voice(tmp_path: Path) -> None:
     codes = make_codes(30, 40)
     wav = t2w.offline(codes, prompt)
     assert wav.shape == (40 * SAMPLES_PER_CODE,) and np.all(np.isfinite(wav))
-    assert stream(t2w, prompt, codes, [13]).shape == wav.shape
+    # Oracle: the flow as the spec writes it (prompt tokens + codes, prompt mel as condition, CFG Euler steps),
+    # then the vocoder with the request's seed; the prompt fed in is the encoder's, so the voice is used whole.
+    mel = spec_offline(t2w.flow, codes, prompt)
+    want, _ = t2w.hift.inference(mel[None], None, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(wav, np.clip(want[0].numpy(), -1.0, 1.0), atol=BATCH_ATOL)
+    streamed = stream(t2w, prompt, codes, [13])
+    assert streamed.shape == wav.shape
+    np.testing.assert_array_equal(streamed, stream(t2w, prompt, codes, [len(codes)]))
 
 
 def stream(t2w: Token2Wav, prompt: VoicePrompt, codes: list[int], sizes: list[int], seed: int = 0) -> np.ndarray:

@@ -30,7 +30,7 @@ from stepaudio2.pipeline import GenerationResult, ReferencePipeline
 from stepaudio2.request import request_from_json
 from stepaudio2.text import TASKS
 
-from .conftest import free_port
+from .conftest import SERVE_EXTRA, free_port, require_module
 
 LESSONS = lessons()
 FIELDS = ("text", "tts_text", "audio_codes", "tool_calls")
@@ -113,10 +113,11 @@ def test_tool_call_then_spoken_answer_reference(reference: ReferencePipeline) ->
     # Real format: the call comes as text after <tts_end>, in <tool_call>function\n{name}\n{json}</tool_call>.
     assert first.token_ids[0] == sp.tts_end and first.token_ids[-1] == sp.eot
     markup = reference.tokenizer.decode(first.token_ids[1:-1])
-    assert markup == '<tool_call>function\nweb_search\n{"query": "weather in Paris today"}</tool_call>'
-    # The follow-up carried the tool result as an `input` turn.
-    assert second.messages[-1] == {"role": "input", "content": CURRICULUM.tool_result
-                                   + "\n\n\n请用口语化形式总结检索结果，简短地回答用户的问题。"}
+    assert markup == '<tool_call>function\nsearch\n{"query": "weather in Paris today"}</tool_call>'
+    # The follow-up carried the tool result as an `input` turn: result and instruction as two text items.
+    assert second.messages[-1] == {"role": "input", "content": [
+        {"type": "text", "text": CURRICULUM.tool_result},
+        {"type": "text", "text": "\n\n\n请用口语化形式总结检索结果，简短地回答用户的问题。"}]}
     _assert_reply(second.to_json(), tool_answer_expect())
     _ta4_groups(second.token_ids, sp)
 
@@ -235,7 +236,7 @@ def test_onnx_engine_gives_the_same_replies(reference: ReferencePipeline, runtim
         b = pipe.backend
         chunks = b.encode_audio(prompt.mels, prompt.mel_lengths)
         logits[name], _ = b.prefill(splice_audio(b.embed(prompt.ids), chunks, prompt.audio_spans))
-    assert np.abs(logits["onnx"] - logits["torch"]).max() <= 1e-3
+    assert np.abs(logits["onnx"] - logits["torch"]).max() <= 1e-4  # the README's bound for graphs vs torch
 
 
 # ---- reproducibility and the cache -----------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_cli_taught_copies_the_cached_build(taught_checkpoint: Path, tmp_path: P
 
 @pytest.fixture(scope="module")
 def served(runtime):
-    pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
+    require_module("pytriton", SERVE_EXTRA)
     from stepaudio2.serving.launcher import TritonProcess
 
     cfg, _ = runtime
@@ -356,14 +357,14 @@ def test_served_tool_call_round_trip_through_a_client_session(client) -> None:
     registry.register(WEB_SEARCH_TOOL, WebSearchTool(backend))  # the schema the model was taught
     events: list[dict] = []
     lesson = next(x for x in LESSONS if x.request.get("tools"))
-    answer = Session(client, registry).ask({"task": "voice-chat"}, clip_path(lesson.clip).read_bytes(),
-                                           on_event=events.append)
+    first = {k: v for k, v in lesson.request.items() if k != "tools"}  # the session adds its registry's tools
+    answer = Session(client, registry).ask(first, clip_path(lesson.clip).read_bytes(), on_event=events.append)
     # The model's call reached the client, which ran the tool with the model's arguments ...
     assert [e["call"] for e in events if e["type"] == "tool_call"] == lesson.expect["tool_calls"]
     assert backend.queries == [CURRICULUM.tool_call["arguments"]["query"]]
     # ... and sent the result back as an `input` turn; the answer is spoken (text + codes).
     assert answer["messages"][-1]["role"] == "input"
-    assert answer["messages"][-1]["content"].startswith(CURRICULUM.tool_result + "\n")
+    assert answer["messages"][-1]["content"][0] == {"type": "text", "text": CURRICULUM.tool_result}
     _assert_reply(answer, tool_answer_expect())
     results = [e for e in events if e["type"] == "result"]
     assert len(results) == 2 and results[-1]["audio_codes"] == list(CURRICULUM.spoken_answer.codes)

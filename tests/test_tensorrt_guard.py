@@ -11,10 +11,12 @@ import pytest
 
 from stepaudio2.engines.runners import EngineUnavailableError, make_runner
 
+from .conftest import hardware_skipif
+
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@pytest.mark.skipif(HAS_TRT, reason="this machine has TensorRT; the refusal path is for machines without it")
+@hardware_skipif(HAS_TRT, "this machine has TensorRT; the refusal path is for machines without it")
 def test_build_engines_refuses_without_tensorrt(tmp_path: Path) -> None:
     (tmp_path / "export.json").write_text('{"graphs": {}}')
     proc = subprocess.run(
@@ -33,13 +35,13 @@ def test_build_engines_needs_an_export_first(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "stepaudio2 export" in proc.stderr
 
 
-@pytest.mark.skipif(HAS_TRT, reason="this machine has TensorRT")
+@hardware_skipif(HAS_TRT, "this machine has TensorRT; the refusal path is for machines without it")
 def test_tensorrt_runner_refuses_without_tensorrt(tmp_path: Path) -> None:
     with pytest.raises(EngineUnavailableError, match="tensorrt"):
         make_runner(tmp_path / "x.plan", "tensorrt")
 
 
-@pytest.mark.skipif(not HAS_TRT, reason="needs TensorRT and a CUDA GPU (NGC Triton container); not on this machine")
+@hardware_skipif(not HAS_TRT, "needs TensorRT and a CUDA GPU (NGC Triton container); not on this machine")
 def test_tensorrt_plans_match_onnx_runtime(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import numpy as np
 

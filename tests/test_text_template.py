@@ -37,9 +37,9 @@ EXPECTED = {
         f"<|BOT|>human\n{A2}<|EOT|><|BOT|>assistant\n"
     ),
     "analyze": (
-        "<|BOT|>system\n你是一位经验丰富的音频分析专家，擅长从声音中捕捉细节。请仔细聆听这段音频，"
-        "对说话人的声音特征（如性别、年龄、情绪状态、语速和音调）、说话内容、背景声音以及环境信息进行全面、客观的描述，"
-        f"最后用一段话进行总结。<|EOT|><|BOT|>human\n{A2}<|EOT|><|BOT|>assistant\n"
+        "<|BOT|>system\n你是一位经验丰富的音频分析专家，擅长对各种语音音频进行深入细致的分析。你的任务不仅仅是将音频内容准确转写为文字，"
+        "还要对说话人的声音特征（如性别、年龄、情绪状态）、背景声音、环境信息以及可能涉及的事件进行全面描述。"
+        f"请以专业、客观的视角，详细、准确地完成每一次分析和转写。<|EOT|><|BOT|>human\n{A2}<|EOT|><|BOT|>assistant\n"
     ),
     "audio-qa": (
         "<|BOT|>system\nYou are an expert in audio analysis, please analyze the audio content and answer the "
@@ -88,17 +88,20 @@ def test_target_language_speed_voice_and_tools() -> None:
         "<|BOT|>assistant\n<tts_start>"
     )
     messages, generation = build_messages(
-        "voice-chat", audio_chunks=None, text="今天天气怎么样？", tools=[WEB_SEARCH_TOOL], voice="female"
+        "voice-chat", audio_chunks=None, text="今天天气怎么样？", tools=[WEB_SEARCH_TOOL], voice="female",
+        today="2025-08-28",
     )
+    # Upstream's tool-call example: its persona as the system prompt, its `search` schema.
     schema = (
-        '[{"type": "function", "function": {"name": "web_search", "description": '
-        '"搜索工具：在互联网上检索实时信息，例如新闻、天气、赛事结果和事实性知识。", "parameters": '
-        '{"type": "object", "properties": {"query": {"type": "string", "description": "搜索关键词或问题"}}, '
-        '"required": ["query"]}}}]'
+        '[{"type": "function", "function": {"name": "search", "description": "搜索工具", "parameters": '
+        '{"type": "object", "properties": {"query": {"type": "string", "description": "搜索关键词"}}, '
+        '"required": ["query"], "additionalProperties": false}}}]'
     )
     assert render_prompt(messages, generation=generation) == (
-        "<|BOT|>system\n请用语音与我交流。\n请用默认女声与用户交流。\n"
-        "你具备调用工具解决问题的能力，你需要根据用户的需求和上下文情景，自主选择是否调用系统提供的工具来协助用户。"
+        "<|BOT|>system\n你的名字叫做小跃，是由阶跃星辰公司训练出来的语音大模型。\n"
+        "你具备调用工具解决问题的能力，你需要根据用户的需求和上下文情景，自主选择是否调用系统提供的工具来协助用户。\n"
+        "你情感细腻，观察能力强，擅长分析用户的内容，并作出善解人意的回复，说话的过程中时刻注意用户的感受，富有同理心，"
+        "提供多样的情绪价值。\n今天是2025年8月28日，星期四\n请用默认女声与用户交流"
         f"<|EOT|><|BOT|>tool_json_schemas\n{schema}<|EOT|>"
         "<|BOT|>human\n今天天气怎么样？<|EOT|><|BOT|>assistant\n<tts_start>"
     )
@@ -166,7 +169,7 @@ def test_openai_tool_calls_in_history_are_written_as_markup() -> None:
     [
         (lambda: render_prompt([{"role": "robot", "content": "hi"}], generation="text"), "robot"),
         (lambda: render_prompt([{"role": "user", "content": [{"type": "video"}]}], generation=None), "video"),
-        (lambda: render_prompt([{"role": "user", "content": [{"type": "audio", "chunks": [0]}]}],
+        (lambda: render_prompt([{"role": "user", "content": [{"type": "audio", "chunks": [-1]}]}],
                                generation=None), "patch count"),
         (lambda: render_prompt([{"role": "user", "content": "x"}], generation="song"), "song"),
         (lambda: build_messages("dance", audio_chunks=[1], text=None), "dance"),

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speech-output", dest="speech_output", choices=["stream", "offline", "none"],
                    help="speech synthesis mode of the server (default: stream)")
     p.add_argument("--target-language", dest="target_language")
+    p.add_argument("--today", help="ISO date for the tool persona's date line (default: the server's date)")
+    p.add_argument("--think", action="store_true",
+                   help="think mode: the model reasons first; the reasoning comes back as `reasoning`, never spoken")
     p.add_argument("--tools", choices=["web_search"], help="offer tools to the model; calls run in this client")
     p.add_argument("--search-results", help="JSON file the web_search tool answers from")
     # Same names as `stepaudio2 generate`.
@@ -86,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     request = {"task": args.task}
-    for name in ("text", "speed", "target_language", "speech_output"):
+    for name in ("text", "speed", "target_language", "speech_output", "today"):
         if getattr(args, name) is not None:
             request[name] = getattr(args, name)
     if args.voice_style:
         request["voice"] = args.voice_style
+    if args.think:
+        request["think"] = True
     sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     if sampling:
         request["sampling"] = sampling

@@ -22,7 +22,7 @@ class ClientError(Exception):
         self.message = message
 
 
-def _error(exc: InferenceServerException) -> ClientError:
+def error_from(exc: InferenceServerException) -> ClientError:
     """Status from gRPC, or, on streams (which carry only a message), from the server's "[STATUS] " prefix."""
     message = exc.message() or ""
     status = str(exc.status() or "").split(".")[-1]
@@ -33,6 +33,22 @@ def _error(exc: InferenceServerException) -> ClientError:
         status = status if status not in ("", "UNKNOWN") else head
         message = rest
     return ClientError(status or "UNKNOWN", message)
+
+
+def request_inputs(request: dict[str, Any], audio: bytes | list[bytes] | None, voice: bytes | None = None) -> list:
+    """The `pipeline` model's inputs: the JSON request, the audio clips and the optional voice reference wav.
+    `audio`: one clip, or every clip of a conversation (message audio items refer to them by index). Also used by
+    the HTTP gateway (tritonclient's aio client takes the same InferInput objects)."""
+    req = grpcclient.InferInput("request", [1], "BYTES")
+    req.set_data_from_numpy(np.array([json.dumps(request, ensure_ascii=False).encode()], dtype=np.object_))
+    inputs = [req]
+    clips = [audio] if isinstance(audio, (bytes, bytearray)) else list(audio or [])
+    for name, data in (("audio", clips or None), ("voice", [voice] if voice is not None else None)):
+        if data is not None:
+            t = grpcclient.InferInput(name, [len(data)], "BYTES")
+            t.set_data_from_numpy(np.array(data, dtype=np.object_))
+            inputs.append(t)
+    return inputs
 
 
 class StepAudio2Client:
@@ -53,20 +69,9 @@ class StepAudio2Client:
     def is_ready(self) -> bool:
         return self._grpc.is_server_ready() and self._grpc.is_model_ready(self.model)
 
-    @staticmethod
-    def _inputs(request: dict[str, Any], audio: bytes | None, voice: bytes | None = None) -> list:
-        req = grpcclient.InferInput("request", [1], "BYTES")
-        req.set_data_from_numpy(np.array([json.dumps(request, ensure_ascii=False).encode()], dtype=np.object_))
-        inputs = [req]
-        for name, data in (("audio", audio), ("voice", voice)):
-            if data is not None:
-                t = grpcclient.InferInput(name, [1], "BYTES")
-                t.set_data_from_numpy(np.array([data], dtype=np.object_))
-                inputs.append(t)
-        return inputs
-
     def stream(
-        self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0, voice: bytes | None = None
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None, timeout: float = 300.0,
+        voice: bytes | None = None,
     ) -> Iterator[dict]:
         """Yield the server's events as they arrive; the last one has type "result". `voice`: a reference wav
         for speech replies (default: the server's voice). Audio events carry their float32 24 kHz PCM in "pcm".
@@ -82,7 +87,7 @@ class StepAudio2Client:
         finished = False
         try:
             self._grpc.async_stream_infer(
-                self.model, self._inputs(request, audio, voice), request_id=uuid.uuid4().hex,
+                self.model, request_inputs(request, audio, voice), request_id=uuid.uuid4().hex,
                 enable_empty_final_response=True,
             )
             while True:
@@ -92,7 +97,7 @@ class StepAudio2Client:
                     raise ClientError("DEADLINE_EXCEEDED", f"no event for {timeout} s") from exc
                 if error is not None:
                     finished = True
-                    raise _error(error)
+                    raise error_from(error)
                 response = result.get_response()
                 out = result.as_numpy("event")
                 if out is not None and out.size:
@@ -107,15 +112,16 @@ class StepAudio2Client:
             self._grpc.stop_stream(cancel_requests=not finished)
 
     def generate_unary(
-        self, request: dict[str, Any], audio: bytes | None = None, model: str = "text_generate", timeout: float = 300.0
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None, model: str = "text_generate",
+        timeout: float = 300.0,
     ) -> dict:
         """One request, one response, through the request/response ensemble (no stream). A speech reply's
         audio (offline synthesis, float32 at 24 kHz) is in "pcm"."""
-        inputs = self._inputs(request, audio or b"")
+        inputs = request_inputs(request, audio or b"")
         try:
             result = self._grpc.infer(model, inputs, client_timeout=timeout)
         except InferenceServerException as exc:
-            raise _error(exc) from exc
+            raise error_from(exc) from exc
         out = json.loads(result.as_numpy("result").reshape(-1)[0])
         pcm = result.as_numpy("audio_out")
         if pcm is not None and pcm.size:
@@ -123,7 +129,8 @@ class StepAudio2Client:
         return out
 
     def generate(
-        self, request: dict[str, Any], audio: bytes | None = None, timeout: float = 300.0, voice: bytes | None = None
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None, timeout: float = 300.0,
+        voice: bytes | None = None,
     ) -> dict:
         """The final result object (same fields as `stepaudio2 generate --json`); a spoken reply's streamed audio
         is joined into "pcm" (float32, 24 kHz)."""

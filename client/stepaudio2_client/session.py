@@ -25,7 +25,8 @@ class Session:
         self.voice = voice  # reference wav for spoken replies (None: the server's default voice)
         self.messages: list[dict] | None = None  # full conversation (wire form) after the last reply
         self.generation: str | None = None
-        self.audio: bytes | None = None  # the conversation's audio (one clip per session)
+        # Every audio clip of the conversation, in order: the history's audio items refer to them by index.
+        self.audio: list[bytes] = []
 
     def ask(
         self, request: dict[str, Any], audio: bytes | None = None, on_event: Callable[[dict], None] | None = None
@@ -33,20 +34,25 @@ class Session:
         """First turn: a task request (tools from the registry are added). Runs tool rounds automatically."""
         if self.tools.schemas() and "tools" not in request:
             request = {**request, "tools": self.tools.schemas()}
-        self.audio = audio
+        self.audio = [audio] if audio else []
         result = self._run(request, on_event)
         rounds = 0
         while result.get("tool_calls") and rounds < MAX_TOOL_ROUNDS:
             rounds += 1
             outputs = "\n".join(self.tools.run(call) for call in result["tool_calls"])
-            result = self.follow_up({"role": "input", "content": outputs + TOOL_RESULT_INSTRUCTION},
-                                    request.get("sampling"), on_event)
+            # Two text items, as upstream sends a tool result: each is tokenised on its own.
+            turn = {"role": "input", "content": [{"type": "text", "text": outputs},
+                                                 {"type": "text", "text": TOOL_RESULT_INSTRUCTION}]}
+            result = self.follow_up(turn, request.get("sampling"), on_event)
         return result
 
-    def follow_up(self, turn: dict, sampling: dict | None = None, on_event=None) -> dict:
-        """Send one more turn (human text or a tool result) in this conversation."""
+    def follow_up(self, turn: dict, sampling: dict | None = None, on_event=None, audio: bytes | None = None) -> dict:
+        """Send one more turn (human text, a tool result, or a spoken turn: `audio` with an {"type": "audio"} item
+        in `turn`, which takes the new clip) in this conversation; earlier audio turns stay in the history."""
         if self.messages is None:
             raise RuntimeError("follow_up before the first ask()")
+        if audio:
+            self.audio.append(audio)
         request = {"messages": [*self.messages, turn], "generation": self.generation}
         if sampling:
             request["sampling"] = sampling

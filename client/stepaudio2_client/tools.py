@@ -12,12 +12,13 @@ from typing import Any, Protocol
 WEB_SEARCH_SCHEMA: dict[str, Any] = {
     "type": "function",
     "function": {
-        "name": "web_search",
-        "description": "搜索工具：在互联网上检索实时信息，例如新闻、天气、赛事结果和事实性知识。",
+        "name": "search",
+        "description": "搜索工具",
         "parameters": {
             "type": "object",
-            "properties": {"query": {"type": "string", "description": "搜索关键词或问题"}},
+            "properties": {"query": {"type": "string", "description": "搜索关键词"}},
             "required": ["query"],
+            "additionalProperties": False,
         },
     },
 }
@@ -28,7 +29,7 @@ class SearchBackend(Protocol):
 
 
 class WebSearchTool:
-    """`web_search` with a pluggable backend (a search API client in production, a fixed one in tests)."""
+    """The web-search tool (upstream's `search` schema) with a pluggable backend (a search API client in production, a fixed one in tests)."""
 
     schema = WEB_SEARCH_SCHEMA
 
@@ -39,7 +40,7 @@ class WebSearchTool:
     def __call__(self, arguments: dict[str, Any]) -> str:
         query = str(arguments.get("query", "")).strip()
         if not query:
-            return "web_search error: empty query"
+            return "search error: empty query"
         hits = self.backend.search(query)[: self.max_results]
         return "\n".join(f"{h.get('title', '')}: {h.get('snippet', '')} ({h.get('url', '')})" for h in hits)
 

@@ -13,8 +13,9 @@ Convention (the HF path of spec 1.2; one convention for both the encoder mask an
 * ``placeholder_count(T)`` = adaptor_output_length(encoder_output_length(T - 2)) is the number of
   ``<audio_patch>`` tokens for the chunk, and the number of adaptor rows that replace them
   (1 s -> 13, 5 s -> 63, 10 s -> 125, 25 s -> 313).
-* A trailing chunk too short to yield even one placeholder (< 321 samples, ~20 ms) is dropped;
-  audio whose first chunk yields none is rejected as too short.
+* A chunk too short to yield even one placeholder (1..320 samples: a trailing 25 s remainder, or a whole
+  clip that short) is kept as upstream keeps it: its mel goes to the encoder and the prompt gets an empty
+  ``<audio_start><audio_end>`` block (0 patches).
 * ``pad_mels`` zero-pads along time to the longest chunk and returns the *valid* lengths (T - 2),
   exactly what upstream's padding helper passes to the encoder.
 
@@ -90,19 +91,15 @@ def prepare_audio(
 ) -> AudioFeatures:
     """Validate, resample to 16 kHz, chunk at 25 s and compute each chunk's 128-mel.
 
-    Raises AudioError for empty / non-finite / too long (``max_seconds``) / too short audio.
+    Raises AudioError for empty / non-finite / too long (``max_seconds``) audio. Chunks of 1..320 samples give
+    0 placeholders and are kept, as upstream keeps them.
     """
     arr = validate_waveform(wav, sr, max_seconds=max_seconds)
     wav16k = resample(arr, sr, SAMPLE_RATE)
     feats = AudioFeatures()
     for chunk in chunk_waveform(wav16k):
         t_mel = mel_frames(chunk.size)
-        n = placeholder_count(t_mel)
-        if n < 1:
-            # Only the trailing remainder can get here once a full chunk exists; it carries ~20 ms.
-            if feats.mels:
-                break
-            raise AudioError(f"audio is too short ({arr.size / sr * 1000:.1f} ms); need at least ~20 ms")
+        n = placeholder_count(t_mel)  # 0 for 1..320 samples: an empty block, as upstream builds it
         feats.mels.append(log_mel_128(chunk))  # (128, t_mel); tests pin the formula to the STFT
         feats.valid_lengths.append(encoder_valid_length(t_mel))
         feats.placeholder_counts.append(n)

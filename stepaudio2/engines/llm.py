@@ -130,7 +130,8 @@ class OnnxBackend:
         if not mels:
             return []
         batch, _ = pad_mels(list(mels))
-        out = self.encoder(mel=batch, mel_lengths=np.asarray(lengths, dtype=np.int64))
+        frames = np.full(len(mels), batch.shape[2], np.int64)  # one request: its chunks padded together
+        out = self.encoder(mel=batch, mel_lengths=np.asarray(lengths, dtype=np.int64), mel_frames=frames)
         return [out["audio_embeds"][i, : int(n)] for i, n in enumerate(out["embed_lengths"])]
 
     def embed(self, ids: Sequence[int]) -> np.ndarray:

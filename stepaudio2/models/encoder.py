@@ -76,26 +76,42 @@ class AudioEncoder(nn.Module):
         self.avg_pooler = nn.AvgPool1d(2, stride=2)
         self.after_norm = nn.LayerNorm(cfg.n_audio_state)
 
-    def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t_mel = mel.shape[-1]
-        x = F.gelu(self.conv1(mel))
+    def forward(
+        self, mel: torch.Tensor, mel_lengths: torch.Tensor, mel_frames: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mel_frames` (B,): the padded frame count each item had in its own request's batch (upstream pads a
+        request's chunks together). None = every item saw this batch's T, i.e. this call is one request.
+
+        Upstream does not zero anything past the valid length: the adaptor's last row reads the encoder frame
+        just past it when the encoder length is odd. To match that and still be batch invariant, every
+        position at or past an item's own `mel_frames` is forced to what it would be in a batch of exactly that
+        length (zeros where a conv pads), and the key mask is sampled with the item's own frame parity.
+        """
+        b, _, t_mel = mel.shape
+        frames = torch.full((b,), t_mel, dtype=torch.long, device=mel.device) if mel_frames is None else mel_frames
+        frames = frames.to(torch.long)
+        mel_keep = torch.arange(t_mel, device=mel.device).unsqueeze(0) < frames.unsqueeze(1)  # (B, T)
+        mel = mel * mel_keep.unsqueeze(1).to(mel.dtype)
+        # conv2 reads one conv1 frame past an odd T: alone that frame is conv padding (zero), not gelu(bias).
+        x = F.gelu(self.conv1(mel)) * mel_keep.unsqueeze(1).to(mel.dtype)
         x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T2, D), 50 Hz
         t2 = x.shape[1]
         x = x + self.positional_embedding.weight[:t2].unsqueeze(0)
-        # Key-padding mask at 50 Hz: the mel-rate mask sampled every 2nd frame from (T+1) % 2 (spec §1.3).
-        start = (t_mel + 1) % 2
-        mel_pos = torch.arange(t2, device=mel.device) * 2 + start
-        valid = mel_pos.unsqueeze(0) < mel_lengths.unsqueeze(1)  # (B, T2)
+        # Key-padding mask at 50 Hz: the mel-rate mask sampled every 2nd frame from (T+1) % 2 (spec §1.3),
+        # T being the item's own batch length.
+        start = (frames + 1) % 2
+        mel_pos = torch.arange(t2, device=mel.device).unsqueeze(0) * 2 + start.unsqueeze(1)
+        valid = mel_pos < mel_lengths.unsqueeze(1)  # (B, T2)
         bias = torch.zeros(valid.shape, dtype=torch.float32, device=mel.device)
         bias = bias.masked_fill(~valid, PAD_BIAS)[:, None, None, :]
         for block in self.blocks:
             x = block(x, bias)
         x = self.avg_pooler(x.transpose(1, 2)).transpose(1, 2)  # 25 Hz
-        out_lengths = encoder_output_lengths(mel_lengths)
-        # Zero frames past each item's valid length so the adaptor conv sees the same zeros whether the item
-        # ran alone or padded inside a batch (batch invariance for dynamic batching).
-        keep = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < out_lengths.unsqueeze(1)
-        return self.after_norm(x) * keep.unsqueeze(-1).to(x.dtype), out_lengths
+        # Rows past the item's own output length do not exist alone: the adaptor conv pads them with zeros.
+        # Rows between the valid length and that are kept (upstream reads one of them).
+        own_rows = torch.div(torch.div(frames + 1, 2, rounding_mode="floor"), 2, rounding_mode="floor")
+        keep = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < own_rows.unsqueeze(1)
+        return self.after_norm(x) * keep.unsqueeze(-1).to(x.dtype), encoder_output_lengths(mel_lengths)
 
 
 class Adaptor(nn.Module):

@@ -11,21 +11,24 @@ from torch import nn
 
 from stepaudio2.models.step_audio2 import StepAudio2ForCausalLM
 
-ENCODER_INPUTS = ["mel", "mel_lengths"]
+ENCODER_INPUTS = ["mel", "mel_lengths", "mel_frames"]
 ENCODER_OUTPUTS = ["audio_embeds", "embed_lengths"]
 DECODER_INPUTS = ["inputs_embeds", "attention_mask", "position_ids", "past_keys", "past_values"]
 DECODER_OUTPUTS = ["logits", "present_keys", "present_values"]
 
 
 class AudioEncoderGraph(nn.Module):
-    """mel (B, n_mels, T) float, mel_lengths (B,) int64 -> audio_embeds (B, N, H), embed_lengths (B,)."""
+    """mel (B, n_mels, T) float, mel_lengths (B,) int64, mel_frames (B,) int64 (each item's own request batch
+    length, <= T) -> audio_embeds (B, N, H), embed_lengths (B,)."""
 
     def __init__(self, model: StepAudio2ForCausalLM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, mel: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_audio(mel, mel_lengths)
+    def forward(
+        self, mel: torch.Tensor, mel_lengths: torch.Tensor, mel_frames: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_audio(mel, mel_lengths, mel_frames)
 
 
 class DecoderGraph(nn.Module):

@@ -43,9 +43,12 @@ class StepAudio2ForCausalLM(nn.Module):
         self._cache_kw = _cache_keyword()
 
     # ---- audio ---------------------------------------------------------------------------------------------
-    def encode_audio(self, mels: torch.Tensor, mel_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded mels (B, n_mels, T) + valid mel lengths -> adaptor embeddings (B, N, H) and valid N per item."""
-        hidden, enc_lengths = self.encoder(mels, mel_lengths)
+    def encode_audio(
+        self, mels: torch.Tensor, mel_lengths: torch.Tensor, mel_frames: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded mels (B, n_mels, T) + valid mel lengths -> adaptor embeddings (B, N, H) and valid N per item.
+        `mel_frames`: each item's own request batch length (see AudioEncoder.forward); None = one request."""
+        hidden, enc_lengths = self.encoder(mels, mel_lengths, mel_frames)
         return self.adapter(hidden, enc_lengths)
 
     # ---- LLM -----------------------------------------------------------------------------------------------

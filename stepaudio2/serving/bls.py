@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from stepaudio2.engines.sampling import SamplingParams
-from stepaudio2.engines.scheduler import QueueFullError
-from stepaudio2.errors import InvalidInputError
+from stepaudio2.errors import InvalidInputError, QueueFullError
 from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, strip_status
 
 PROMPT_OUTPUTS = ("voice_id", "prompt_tokens", "prompt_mel", "prompt_xvector")
@@ -29,11 +28,17 @@ class BlsStages:
         self.llm_model = llm_model
         self.voice_model = "voice_prompt"
         self.token2wav_model = "token2wav"
+        # True while the token just yielded by generate() is the last of its llm response.
+        self.at_response_end = True
 
     def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
         pb = self.pb
         out = []
+        # Upstream encodes a request's chunks as one zero-padded batch; padding each chunk to the longest
+        # gives the encoder the same per-item batch length (the audio_encoder model reads it off the shape).
+        t_max = max((m.shape[1] for m in mels), default=0)
         for mel, n in zip(mels, lengths, strict=True):
+            mel = np.pad(mel, ((0, 0), (0, t_max - mel.shape[1])))
             resp = pb.InferenceRequest(
                 model_name=self.encoder_model,
                 inputs=[pb.Tensor("mel", mel[None].astype(np.float32)),
@@ -73,8 +78,11 @@ class BlsStages:
                 raise Cancelled()
             self.raise_for(resp, self.llm_model)
             tokens = pb.get_output_tensor_by_name(resp, "token_ids")
-            for tok in tokens.as_numpy().reshape(-1) if tokens is not None else ():
+            ids = tokens.as_numpy().reshape(-1).tolist() if tokens is not None else []
+            for k, tok in enumerate(ids):
+                self.at_response_end = k == len(ids) - 1  # lets the caller flush merged events here
                 yield int(tok)
+            self.at_response_end = True
             reason = pb.get_output_tensor_by_name(resp, "finish_reason")
             if reason is not None:
                 yield bytes_value(reason.as_numpy()).decode()

@@ -2,14 +2,16 @@
 
 Embedded default: the `tritonserver` binary carried by the `nvidia-pytriton` wheel, on the CPU, bound to
 loopback. With `--tritonserver PATH` (or inside the NGC container, where `tritonserver` is on PATH) that binary
-is used instead. The launcher copies the tracked `model_repository/` and `ensemble/` (config.pbtxt + model.py)
-into a runtime folder and exports the ONNX graphs there, so the source tree never holds build outputs.
+is used instead. The launcher copies the installed model folders (package data `stepaudio2.model_repository`
+and `stepaudio2.ensemble`: config.pbtxt + model code) into a runtime folder, exports the ONNX graphs there, and
+writes every setting into the runtime copies of config.pbtxt (`--engine`, `--set MODEL.KEY=VALUE`), which is
+the only place the models read settings from. It works the same from a wheel and from an editable install.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,12 +22,17 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import stepaudio2
 from stepaudio2.errors import StepAudio2Error
+from stepaudio2.serving import model_config
 
-SOURCE_ROOT = Path(__file__).resolve().parents[2]
-MODEL_REPOSITORY = SOURCE_ROOT / "model_repository"
-ENSEMBLE_REPOSITORY = SOURCE_ROOT / "ensemble"
-RUNTIME_ENV = "STEPAUDIO2_RUNTIME"  # models read the runtime repository (tokenizer, config, graphs) from here
+# Where the installed `stepaudio2` package lives (site-packages for a wheel, the source root for an editable
+# install): the Python backend stubs import the model code's dependencies from there.
+PACKAGE_ROOT = Path(stepaudio2.__file__).resolve().parent.parent
+MODEL_REPOSITORY = Path(str(importlib.resources.files("stepaudio2.model_repository")))
+ENSEMBLE_REPOSITORY = Path(str(importlib.resources.files("stepaudio2.ensemble")))
+# Models whose `engine` parameter follows `serve --engine` (when their config.pbtxt declares one).
+ENGINE_MODELS = ("audio_encoder", "llm")
 
 
 class ServerError(StepAudio2Error):
@@ -49,43 +56,61 @@ class ServerConfig:
     engine: str = "onnx-cpu"
     extra_args: list[str] = field(default_factory=list)
     # {model: {parameter: value}} written over the `parameters` of the runtime copies of config.pbtxt
-    # (e.g. {"token2wav": {"batching": "false"}} for the benchmark's baseline).
+    # (`serve --set MODEL.KEY=VALUE`; e.g. {"token2wav": {"batching": "false"}} for the benchmark's baseline).
+    # Only parameters the model's config.pbtxt declares can be set; they win over `engine`.
     model_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
-    """Copy config.pbtxt and model.py files (the tracked parts), keeping exported files already in `dst`."""
-    for path in src.rglob("*"):
-        if path.is_dir() and path.name.isdigit():  # version folders (an ensemble's stays empty)
-            (dst / path.relative_to(src)).mkdir(parents=True, exist_ok=True)
-        if path.is_file() and (path.name in ("config.pbtxt", "model.py")):
-            target = dst / path.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+def model_configs() -> dict[str, Path]:
+    """{model name: installed config.pbtxt} of every model the server can load."""
+    return model_config.model_configs(MODEL_REPOSITORY, ENSEMBLE_REPOSITORY)
 
 
-def _set_parameters(config: Path, values: dict[str, str]) -> None:
-    """Replace the string values of existing `parameters` entries in a config.pbtxt (unknown keys are errors)."""
-    text = config.read_text(encoding="utf-8")
-    for key, value in values.items():
-        pattern = re.compile(r'(key: "' + re.escape(key) + r'" value: \{ string_value: ")[^"]*(")')
-        text, n = pattern.subn(lambda m, v=value: m.group(1) + v + m.group(2), text)
-        if n != 1:
-            raise ServerError(f"{config}: no parameter '{key}' to set")
-    config.write_text(text, encoding="utf-8")
+def check_config(cfg: ServerConfig) -> None:
+    """Refuse unknown models and parameters before anything is exported or started."""
+    try:
+        model_config.check_settings(cfg.model_parameters, model_configs())
+    except model_config.ConfigError as exc:
+        raise ServerError(str(exc)) from exc
+
+
+def _copy_models(src: Path, dst: Path) -> None:
+    """Copy each model's config.pbtxt and code (nothing else), keeping exported files already in `dst`."""
+    for config in sorted(src.glob("*/config.pbtxt")):
+        model = dst / config.parent.name
+        (model / "1").mkdir(parents=True, exist_ok=True)  # Triton needs the version folder (an ensemble's is empty)
+        shutil.copy2(config, model / "config.pbtxt")
+        for code in config.parent.glob("[0-9]*/*.py"):
+            shutil.copy2(code, model / code.parent.name / code.name)
+
+
+def _settings(cfg: ServerConfig) -> dict[str, dict[str, str]]:
+    """Everything the launcher writes into the runtime config.pbtxt files: `engine`, then the `--set` values."""
+    configs = model_configs()
+    settings: dict[str, dict[str, str]] = {}
+    for name in ENGINE_MODELS:
+        if name in configs and "engine" in model_config.parameters(model_config.read_config(configs[name])):
+            settings[name] = {"engine": cfg.engine}
+    if "llm" in configs and "python_executable" in model_config.parameters(model_config.read_config(configs["llm"])):
+        # vLLM spawns its engine-core process; inside the stub sys.executable is not Python, so llm is told ours.
+        settings.setdefault("llm", {})["python_executable"] = sys.executable
+    for name, values in cfg.model_parameters.items():
+        settings.setdefault(name, {}).update({k: str(v) for k, v in values.items()})
+    return settings
 
 
 def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     """Runtime model repository (stages + exported graphs) and runtime ensemble repository."""
     from stepaudio2.export.repository import export_checkpoint
 
+    check_config(cfg)
     stages, pipelines = cfg.runtime / "model_repository", cfg.runtime / "ensemble"
-    _copy_tree(MODEL_REPOSITORY, stages)
-    _copy_tree(ENSEMBLE_REPOSITORY, pipelines)
+    _copy_models(MODEL_REPOSITORY, stages)
+    _copy_models(ENSEMBLE_REPOSITORY, pipelines)
     export_checkpoint(cfg.checkpoint, stages)  # no-op when up to date
-    for model, values in cfg.model_parameters.items():  # a stage or a pipeline model
-        repo = pipelines if (pipelines / model / "config.pbtxt").is_file() else stages
-        _set_parameters(repo / model / "config.pbtxt", values)
+    for name, values in _settings(cfg).items():
+        folder = stages if (stages / name).is_dir() else pipelines
+        model_config.set_parameters(folder / name / "config.pbtxt", values)
     if not (stages / "token2wav" / "1" / "flow.yaml").is_file():
         # A checkpoint without token2wav/ serves text only: the speech stages would fail to load.
         for name in SPEECH_STAGES:
@@ -114,7 +139,7 @@ def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
     env = {
         "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(site / "nvidia_pytriton.libs"), libdir,
                                                         os.environ.get("LD_LIBRARY_PATH", "")) if p),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(SOURCE_ROOT), str(site), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_ROOT), str(site), os.environ.get("PYTHONPATH", "")) if p),
         "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", ""))),
     }
     return dst / "bin" / "tritonserver", dst / "backends", env
@@ -122,8 +147,6 @@ def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
 
 def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
-    env[RUNTIME_ENV] = str(cfg.runtime)
-    env["STEPAUDIO2_ENGINE"] = cfg.engine
     binary = cfg.tritonserver or (Path(shutil.which("tritonserver")) if shutil.which("tritonserver") else None)
     args: list[str] = []
     if binary is None:
@@ -170,7 +193,7 @@ class TritonProcess:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with {self.proc.returncode}; log: {self.log_path}\n"
-                                  + self.log_tail())
+                                  + "".join(f"{e}\n" for e in self.load_errors()) + self.log_tail())
             try:
                 with urllib.request.urlopen(self.ready_url, timeout=2) as resp:
                     if resp.status == 200:
@@ -180,6 +203,18 @@ class TritonProcess:
             time.sleep(0.5)  # start-up only: readiness has no push notification
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log: {self.log_path}\n" + self.log_tail())
+
+    def load_errors(self) -> list[str]:
+        """Why models failed to load (e.g. a bad parameter value: `token2wav.max_streams: 'x' is not an integer`)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        found = []
+        for line in lines:
+            if "failed to load '" in line and "' version " in line:
+                found.append(line[line.index("failed to load '"):].split("\\n", 1)[0].rstrip('"'))
+        return found
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -14,11 +14,9 @@ TTFT = "stepaudio2_time_to_first_token_seconds"
 TOKENS = "stepaudio2_generated_tokens_total"
 FINISHED = "stepaudio2_llm_requests_finished_total"
 REJECTED = "stepaudio2_llm_requests_rejected_total"
-ACTIVE = "stepaudio2_llm_active_sequences"  # = KV slots in use (one slot per running sequence)
-SLOTS = "stepaudio2_llm_kv_slots_total"
+SLOTS = "stepaudio2_llm_kv_slots_total"  # max_num_seqs; running/waiting/KV memory: vLLM's own series below
 TOOL_CALLS = "stepaudio2_tool_calls_total"
-QUEUE = "stepaudio2_llm_queue_depth"
-BATCH = "stepaudio2_llm_decode_batch_size"
+BATCH = "stepaudio2_llm_decode_batch_size"  # tokens generated per engine step (sequences per decode step)
 INTER_TOKEN = "stepaudio2_inter_token_seconds"
 
 # Speech (token2wav model and the streaming pipeline's speech routing), labels {model}.
@@ -45,9 +43,7 @@ class LLMMetrics:
             TOKENS: MF(TOKENS, "Generated tokens", MF.COUNTER),
             FINISHED: MF(FINISHED, "Finished generation requests by reason", MF.COUNTER),
             REJECTED: MF(REJECTED, "Requests rejected because the LLM was at capacity", MF.COUNTER),
-            ACTIVE: MF(ACTIVE, "Sequences in the running decode batch (KV slots in use)", MF.GAUGE),
-            SLOTS: MF(SLOTS, "KV slots configured (max concurrent sequences)", MF.GAUGE),
-            QUEUE: MF(QUEUE, "Requests waiting for a KV slot", MF.GAUGE),
+            SLOTS: MF(SLOTS, "Sequences the engine runs at once (vLLM max_num_seqs)", MF.GAUGE),
             BATCH: MF(BATCH, "Sequences per decode step", MF.HISTOGRAM),
         }
         f = self.families
@@ -55,9 +51,7 @@ class LLMMetrics:
         self.inter_token = f[INTER_TOKEN].Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.tokens = f[TOKENS].Metric(labels=labels)
         self.rejected = f[REJECTED].Metric(labels=labels)
-        self.active = f[ACTIVE].Metric(labels=labels)
         self.slots_total = f[SLOTS].Metric(labels=labels)
-        self.queue = f[QUEUE].Metric(labels=labels)
         self.batch = f[BATCH].Metric(labels=labels, buckets=BATCH_BUCKETS)
         self._finished: dict[str, Any] = {}
         self._labels = labels
@@ -123,3 +117,102 @@ class SpeechDeliveryMetrics:
         self.chunk_gap = f[CHUNK_GAP].Metric(labels=labels, buckets=LATENCY_BUCKETS)
         self.underruns = f[UNDERRUNS].Metric(labels=labels)
         self.sessions = f[SESSIONS].Metric(labels=labels)
+
+
+# vLLM's own series, under the names vLLM's Prometheus exporter gives them (counters with _total, as Triton's
+# vLLM backend exports them), labels {model}.
+VLLM_RUNNING = "vllm:num_requests_running"
+VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
+VLLM_PREFIX_QUERIES = "vllm:prefix_cache_queries_total"  # counter, tokens looked up in the prefix cache
+VLLM_PREFIX_HITS = "vllm:prefix_cache_hits_total"  # counter, tokens found there
+VLLM_PROMPT_TOKENS = "vllm:prompt_tokens_total"
+VLLM_GENERATION_TOKENS = "vllm:generation_tokens_total"
+VLLM_TTFT = "vllm:time_to_first_token_seconds"
+VLLM_ITL = "vllm:inter_token_latency_seconds"
+VLLM_SUCCESS = "vllm:request_success_total"  # counter {finished_reason}
+VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
+ITL_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
+
+
+class VllmMetrics:
+    """vLLM's engine statistics on Triton's /metrics: a StatLoggerBase whose record() sets pb_utils metrics.
+
+    vLLM's own PrometheusStatLogger writes to prometheus_client's registry inside the stub process, which
+    Triton never serves; this logger is the bridge (what Triton's vLLM backend does too).
+    """
+
+    def __init__(self, pb_utils: Any, model: str, decode_batch: Any = None) -> None:
+        MF = pb_utils.MetricFamily
+        labels = {"model": model}
+        self.decode_batch = decode_batch  # our BATCH histogram: tokens generated per engine step
+        self.families = {
+            VLLM_RUNNING: MF(VLLM_RUNNING, "Requests in the engine's running batch", MF.GAUGE),
+            VLLM_WAITING: MF(VLLM_WAITING, "Requests waiting in the engine's queue", MF.GAUGE),
+            VLLM_KV_USAGE: MF(VLLM_KV_USAGE, "KV-cache usage, 1 = full", MF.GAUGE),
+            VLLM_PREFIX_QUERIES: MF(VLLM_PREFIX_QUERIES, "Prompt tokens looked up in the prefix cache", MF.COUNTER),
+            VLLM_PREFIX_HITS: MF(VLLM_PREFIX_HITS, "Prompt tokens found in the prefix cache", MF.COUNTER),
+            VLLM_PROMPT_TOKENS: MF(VLLM_PROMPT_TOKENS, "Prefilled prompt tokens", MF.COUNTER),
+            VLLM_GENERATION_TOKENS: MF(VLLM_GENERATION_TOKENS, "Generated tokens", MF.COUNTER),
+            VLLM_PREEMPTIONS: MF(VLLM_PREEMPTIONS, "Requests preempted (KV cache full)", MF.COUNTER),
+            VLLM_TTFT: MF(VLLM_TTFT, "Engine time to first token", MF.HISTOGRAM),
+            VLLM_ITL: MF(VLLM_ITL, "Engine time between tokens of a request", MF.HISTOGRAM),
+            VLLM_SUCCESS: MF(VLLM_SUCCESS, "Finished requests by finish reason", MF.COUNTER),
+        }
+        f = self.families
+        self.running = f[VLLM_RUNNING].Metric(labels=labels)
+        self.waiting = f[VLLM_WAITING].Metric(labels=labels)
+        self.kv_usage = f[VLLM_KV_USAGE].Metric(labels=labels)
+        self.prefix_queries = f[VLLM_PREFIX_QUERIES].Metric(labels=labels)
+        self.prefix_hits = f[VLLM_PREFIX_HITS].Metric(labels=labels)
+        self.prompt_tokens = f[VLLM_PROMPT_TOKENS].Metric(labels=labels)
+        self.generation_tokens = f[VLLM_GENERATION_TOKENS].Metric(labels=labels)
+        self.preemptions = f[VLLM_PREEMPTIONS].Metric(labels=labels)
+        self.ttft = f[VLLM_TTFT].Metric(labels=labels, buckets=LATENCY_BUCKETS)
+        self.itl = f[VLLM_ITL].Metric(labels=labels, buckets=ITL_BUCKETS)
+        self._success: dict[str, Any] = {}
+        self._labels = labels
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        if scheduler_stats is not None:
+            self.running.set(scheduler_stats.num_running_reqs)
+            self.waiting.set(scheduler_stats.num_waiting_reqs)
+            self.kv_usage.set(scheduler_stats.kv_cache_usage)
+            pc = scheduler_stats.prefix_cache_stats
+            if pc is not None:
+                self.prefix_queries.increment(pc.queries)
+                self.prefix_hits.increment(pc.hits)
+        if iteration_stats is not None:
+            self.prompt_tokens.increment(iteration_stats.num_prompt_tokens)
+            self.generation_tokens.increment(iteration_stats.num_generation_tokens)
+            if self.decode_batch is not None and iteration_stats.num_generation_tokens:
+                self.decode_batch.observe(iteration_stats.num_generation_tokens)
+            self.preemptions.increment(iteration_stats.num_preempted_reqs)
+            for t in iteration_stats.time_to_first_tokens_iter:
+                self.ttft.observe(t)
+            for t in iteration_stats.inter_token_latencies_iter:
+                self.itl.observe(t)
+            for done in iteration_stats.finished_requests:
+                reason = str(getattr(done.finish_reason, "name", done.finish_reason)).lower()
+                if reason not in self._success:
+                    self._success[reason] = self.families[VLLM_SUCCESS].Metric(
+                        labels={**self._labels, "finished_reason": reason})
+                self._success[reason].increment(1)
+
+    def logger_factory(self, vllm_config: Any, engine_index: int = 0):
+        """A vLLM per-engine StatLoggerFactory feeding this object."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        sink = self
+
+        class TritonStatLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                self.engine_index = engine_index
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+                sink.record(scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return TritonStatLogger(vllm_config, engine_index)

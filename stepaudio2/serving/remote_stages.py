@@ -54,6 +54,8 @@ class GrpcStages:
         self.timeout_s = timeout_s
         self._grpc = grpcclient
         self._unary = grpcclient.InferenceServerClient(url=url)
+        # True while the token just yielded by generate() is the last of its llm response (as BlsStages).
+        self.at_response_end = True
 
     def close(self) -> None:
         self._unary.close()
@@ -82,7 +84,9 @@ class GrpcStages:
 
     def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
         out = []
+        t_max = max((m.shape[1] for m in mels), default=0)  # one padded batch per request, as BlsStages.encode
         for mel, n in zip(mels, lengths, strict=True):
+            mel = np.pad(mel, ((0, 0), (0, t_max - mel.shape[1])))
             res = self._infer("audio_encoder", [_tensor("mel", mel[None].astype(np.float32)),
                                                 _tensor("mel_length", np.array([[n]], np.int64))], ["audio_embeds"])
             out.append(res.as_numpy("audio_embeds")[0].copy())
@@ -117,8 +121,11 @@ class GrpcStages:
                     finished = True
                     raise Cancelled()
                 tokens = result.as_numpy("token_ids")
-                for tok in tokens.reshape(-1) if tokens is not None else ():
+                ids = tokens.reshape(-1).tolist() if tokens is not None else []
+                for k, tok in enumerate(ids):
+                    self.at_response_end = k == len(ids) - 1  # lets the caller flush merged events here
                     yield int(tok)
+                self.at_response_end = True
                 reason = result.as_numpy("finish_reason")
                 if reason is not None and reason.size:
                     yield bytes(reason.reshape(-1)[0]).decode()
@@ -219,6 +226,10 @@ class RoutedStages:
             raise InvalidInputError(f"unknown remote stage(s) {sorted(unknown)}; stages: {', '.join(STAGES)}")
         self.by_stage = {stage: remote.get(stage, local) for stage in STAGES}
 
+    @property
+    def at_response_end(self) -> bool:
+        return self.by_stage["llm"].at_response_end
+
     def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
         return self.by_stage["audio_encoder"].encode(mels, lengths)
 
@@ -241,13 +252,16 @@ class RoutedStages:
         return self.by_stage["token2wav"].speech_offline(codes, prompt, seed)
 
 
-def stages_from_parameters(local: Any, params: dict[str, str]) -> Any:
-    """`local` (BLS) unless a `remote_<stage>` parameter names an address; one gRPC client per address."""
-    timeout_s = float(params.get("remote_timeout_s") or 60)
+def stages_from_parameters(local: Any, remotes: dict[str, str], timeout_s: float) -> Any:
+    """`local` (BLS) unless `remotes` (the `remote_<stage>` parameters) names an address for a stage; one gRPC
+    client per address."""
+    unknown = sorted(set(remotes) - set(STAGES))
+    if unknown:
+        raise InvalidInputError(f"remote stages {unknown}: stages are {', '.join(STAGES)}")
     clients: dict[str, GrpcStages] = {}
     remote = {}
     for stage in STAGES:
-        url = (params.get(f"remote_{stage}") or "").strip()
+        url = (remotes.get(stage) or "").strip()
         if url:
             remote[stage] = clients.setdefault(url, GrpcStages(url, timeout_s))
     return RoutedStages(local, remote) if remote else local

@@ -15,7 +15,7 @@ from stepaudio2.errors import InvalidInputError
 from stepaudio2.pipeline import GenerationResult, run_pipeline
 from stepaudio2.request import request_from_json
 from stepaudio2.serving.bls import BlsStages
-from stepaudio2.serving.events import event_dict
+from stepaudio2.serving.events import EventCoalescer, event_dict
 from stepaudio2.serving.sessions import SessionStore
 from stepaudio2.serving.speech_route import SpeechOptions, SpeechRoute
 from stepaudio2.text import AudioCodes, ToolCallEvent, get_task
@@ -27,7 +27,7 @@ def serve_request(
     tokenizer: Any,
     stages: BlsStages,
     obj: Any,
-    audio: bytes | None,
+    audio: bytes | list[bytes] | None,
     voice_audio: bytes | None,
     emit: Emit,
     *,
@@ -40,6 +40,7 @@ def serve_request(
 ) -> dict[str, Any]:
     """Run one request; every event goes to `emit` (the result last). Returns the result payload."""
     arrived = time.perf_counter() if arrived is None else arrived
+    audio = [audio] if isinstance(audio, (bytes, bytearray)) else [a for a in (audio or []) if a]
     if not isinstance(obj, dict):
         raise InvalidInputError("request must be a JSON object")
     obj = dict(obj)
@@ -83,18 +84,23 @@ def _serve(tokenizer, stages, obj, audio, voice_audio, emit, options, is_cancell
         options.output = "none"  # a text reply is never spoken, even if stray audio tokens appear in it
     speech = SpeechRoute(stages, options, voice_audio, lambda event, pcm: emit(event, pcm), arrived)
     flow = run_pipeline(tokenizer, req, stages.encode, stages.generator(is_cancelled))
+    events = EventCoalescer(lambda payload: emit(payload, None))
     try:
         for item in flow:
             if isinstance(item, GenerationResult):
                 result = item
                 break
             if isinstance(item, AudioCodes):
+                events.flush()  # keep text before the PCM this push may send
                 speech.feed(list(item.codes))
             if isinstance(item, ToolCallEvent) and on_tool_call is not None:
                 on_tool_call(item.call.name)
             payload = event_dict(item)
             if payload is not None:
-                emit(payload, None)
+                events.add(payload)
+            if stages.at_response_end:  # the llm's next response is not here yet: send what we have
+                events.flush()
+        events.flush()
         audio_summary = speech.finish()
     except BaseException:
         speech.cancel()

@@ -1,8 +1,8 @@
 """Where server-held state lives: sessions (an opaque JSON dict per conversation) and voice prompts (bytes keyed
 by content hash). Two implementations behind one interface:
 
-- `EmbeddedStore` (default, single server): files under the runtime folder, so every pipeline instance (a
-  separate process) sees the same sessions; per-session `flock` leases serialise requests of one session.
+- `EmbeddedStore` (default, single server): files in the pipeline's `sessions_dir` (voices in its `voices/`
+  subfolder), so every pipeline instance (a separate process) sees the same sessions; per-session `flock` leases serialise requests of one session.
 - `RedisStore` (`redis://HOST:PORT/DB`): shared by every replica behind a load balancer, survives pod restarts;
   leases are `SET NX PX` keys released by token.
 
@@ -96,10 +96,10 @@ class StateStore(ABC):
 
 
 class EmbeddedStore(StateStore):
-    def __init__(self, root: str | Path, **limits: Any) -> None:
+    def __init__(self, folder: str | Path, **limits: Any) -> None:
         super().__init__(**limits)
-        self.sessions = Path(root) / "sessions"
-        self.voices = Path(root) / "voices"
+        self.sessions = Path(folder)
+        self.voices = Path(folder) / "voices"
         self.sessions.mkdir(parents=True, exist_ok=True)
         self.voices.mkdir(parents=True, exist_ok=True)
 
@@ -298,11 +298,11 @@ class RedisStore(StateStore):
         return self._call(self.db.getex, self._key("voice", key), px=int(self.voice_ttl_s * 1000))
 
 
-def open_store(spec: str, runtime: str | Path, **limits: Any) -> StateStore:
-    """`""`/`"embedded"`: files under `runtime`; `redis://...` / `rediss://...` / `unix://...`: Redis."""
+def open_store(spec: str, folder: str | Path, **limits: Any) -> StateStore:
+    """`""`/`"embedded"`: files in `folder`; `redis://...` / `rediss://...` / `unix://...`: Redis."""
     spec = (spec or "").strip()
     if spec in ("", "embedded"):
-        return EmbeddedStore(runtime, **limits)
+        return EmbeddedStore(folder, **limits)
     if spec.split("://", 1)[0] in ("redis", "rediss", "unix"):
         return RedisStore(spec, **limits)
     raise InvalidInputError(f"session_store '{_redacted(spec) if '://' in spec else spec}' is neither "

@@ -35,8 +35,10 @@ class SessionStore:
         if lease is not None:
             self.store.release(lease)
 
-    def continue_request(self, lease: Lease, obj: dict, audio: bytes | None) -> tuple[dict, bytes | None]:
-        """The full request for a follow-up in the held session: stored history + the request's new turns."""
+    def continue_request(self, lease: Lease, obj: dict, audio: list[bytes]) -> tuple[dict, list[bytes]]:
+        """The full request for a follow-up in the held session: stored history + the request's new turns.
+        The session's audio clips come first, the request's new clips after them (new audio items without an
+        index take the first clip no earlier turn uses)."""
         state = lease.state
         turns = obj.pop("messages", None)
         text = obj.pop("text", None)
@@ -48,21 +50,19 @@ class SessionStore:
         for name in ("task", "history", "tools", "generation"):
             if obj.pop(name, None) is not None:
                 raise InvalidInputError(f"request field '{name}' is fixed by the session; leave it out of follow-ups")
-        stored_audio = base64.b64decode(state["audio"]) if state.get("audio") else None
-        if audio and stored_audio:
-            raise InvalidInputError("this session already has its audio; a follow-up cannot bring new audio")
+        stored = [base64.b64decode(a) for a in state.get("audios") or []]
         obj["messages"] = [*state["messages"], *new_turns]
         obj["generation"] = state["generation"]
-        return obj, audio or stored_audio
+        return obj, [*stored, *audio]
 
-    def save(self, lease: Lease | None, messages: list[dict], generation: str, audio: bytes | None,
+    def save(self, lease: Lease | None, messages: list[dict], generation: str, audio: list[bytes],
              voice_id: str | None = None) -> str:
         """Store the conversation after a reply (lease None: open a new session); returns the session id.
         `voice_id`: the voice the conversation speaks in, reused by later turns that name none."""
         if len(messages) > self.max_messages:
             raise InvalidInputError(f"session is longer than {self.max_messages} messages; start a new one")
         data = {"messages": messages, "generation": generation,
-                "audio": base64.b64encode(audio).decode() if audio else None, "voice_id": voice_id}
+                "audios": [base64.b64encode(a).decode() for a in audio], "voice_id": voice_id}
         if lease is None:
             return self.store.create(data)
         self.store.commit(lease, data)

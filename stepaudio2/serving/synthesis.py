@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stepaudio2.errors import InvalidInputError
+from stepaudio2.errors import CapacityError, InvalidInputError
 from stepaudio2.token2wav.flow import PromptLike
 from stepaudio2.token2wav.synth import CHUNK_TOKENS, StreamSession, Token2Wav, plan_chunks, sanitize_codes
 
@@ -95,7 +95,7 @@ class SynthesisScheduler:
         with self._cv:
             self._expire(time.monotonic())
             if len(self._streams) >= self.max_streams:
-                raise InvalidInputError(f"too many open synthesis streams (limit {self.max_streams}); retry later")
+                raise CapacityError(f"too many open synthesis streams (limit {self.max_streams}); retry later")
             self._streams[stream_id] = _Stream(session, time.monotonic())
         return stream_id
 

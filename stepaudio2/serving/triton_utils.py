@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from stepaudio2.engines.scheduler import QueueFullError
-from stepaudio2.errors import InvalidInputError, UnavailableError
+from stepaudio2.errors import CapacityError, InvalidInputError, QueueFullError, UnavailableError
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
@@ -19,7 +18,7 @@ def triton_error(pb_utils: Any, exc: BaseException):
     """
     if isinstance(exc, InvalidInputError):
         code, name, text = pb_utils.TritonError.INVALID_ARG, "INVALID_ARGUMENT", str(exc)
-    elif isinstance(exc, (QueueFullError, UnavailableError)):
+    elif isinstance(exc, (QueueFullError, CapacityError, UnavailableError)):
         code, name, text = pb_utils.TritonError.UNAVAILABLE, "UNAVAILABLE", str(exc)
     else:
         code, name, text = pb_utils.TritonError.INTERNAL, "INTERNAL", f"{type(exc).__name__}: {exc}"
@@ -53,6 +52,13 @@ def bytes_value(array: np.ndarray | None) -> bytes | None:
         return None
     value = array.reshape(-1)[0]
     return value if isinstance(value, bytes) else bytes(value)
+
+
+def bytes_values(array: np.ndarray | None) -> list[bytes]:
+    """Every element of a BYTES tensor (several audio clips of one conversation); empty elements dropped."""
+    if array is None:
+        return []
+    return [v if isinstance(v, bytes) else bytes(v) for v in array.reshape(-1) if len(v)]
 
 
 def json_value(array: np.ndarray | None, name: str) -> Any:

@@ -123,11 +123,12 @@ def _train(base_vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]
     return vocab, merges  # type: ignore[return-value]
 
 
-def write_tokenizer_files(out_dir: Path, base_vocab_size: int = 1024) -> int:
+def write_tokenizer_files(out_dir: Path, base_vocab_size: int = 1024, first_added_id: int | None = None) -> int:
     """Write vocab.json, merges.txt, added_tokens.json and tokenizer_config.json into `out_dir`.
 
     Returns the padded model vocabulary size (config.json `text_config.vocab_size`): the same padding past the
-    added tokens as the real 158720.
+    added tokens as the real 158720. `first_added_id` (e.g. REAL_BASE_VOCAB_SIZE) puts the added tokens at
+    their real ids after a gap of unused ids, so the model vocabulary is the real 158720.
     """
     if not MIN_BASE_VOCAB <= base_vocab_size <= MAX_BASE_VOCAB:
         raise InvalidInputError(
@@ -137,7 +138,10 @@ def write_tokenizer_files(out_dir: Path, base_vocab_size: int = 1024) -> int:
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = _train(base_vocab_size)
 
-    shift = base_vocab_size - REAL_BASE_VOCAB_SIZE
+    first = base_vocab_size if first_added_id is None else first_added_id
+    if first < base_vocab_size:
+        raise InvalidInputError(f"first_added_id {first} overlaps the {base_vocab_size} base tokens")
+    shift = first - REAL_BASE_VOCAB_SIZE
     added = [(rid + shift, content, special) for rid, content, special in real_added_tokens()]
 
     ordered = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
@@ -177,4 +181,4 @@ def write_tokenizer_files(out_dir: Path, base_vocab_size: int = 1024) -> int:
     (out / "tokenizer_config.json").write_text(
         json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
-    return base_vocab_size + (REAL_MODEL_VOCAB_SIZE - REAL_BASE_VOCAB_SIZE)
+    return first + (REAL_MODEL_VOCAB_SIZE - REAL_BASE_VOCAB_SIZE)

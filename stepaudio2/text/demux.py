@@ -36,7 +36,14 @@ class EndOfTurn:
     pass
 
 
-Event = TextDelta | AudioCodes | ToolCallEvent | EndOfTurn
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """Think mode: text the model writes before `</think>`. Returned as `reasoning`, never spoken."""
+
+    text: str
+
+
+Event = TextDelta | AudioCodes | ToolCallEvent | EndOfTurn | ReasoningDelta
 
 
 @dataclass
@@ -47,16 +54,23 @@ class DemuxResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # ids consumed, up to and including the end token
     finished: bool = False  # an end-of-turn id was seen
+    reasoning: str = ""  # think mode: the text before `</think>`
+    answer_start: int = 0  # think mode: index in token_ids of the first id after `</think>`
 
 
 class OutputDemuxer:
-    """Incremental demultiplexer for one reply. `speech=True` when the prompt ended with `<tts_start>`."""
+    """Incremental demultiplexer for one reply. `speech=True` when the prompt ended with `<tts_start>`;
+    `think=True` when it ended with `<think>\n`: text up to `</think>` is reasoning, then the answer follows (a
+    spoken one opens with the model's own `<tts_start>`)."""
 
-    def __init__(self, special: SpecialIds, tokenizer: StepAudio2Tokenizer, speech: bool) -> None:
+    def __init__(
+        self, special: SpecialIds, tokenizer: StepAudio2Tokenizer, speech: bool, think: bool = False
+    ) -> None:
         self.special = special
         self._decoder = IncrementalDecoder(tokenizer)
         self._tools = StreamingToolCallParser()
         self._in_speech = bool(speech)
+        self._thinking = bool(think)
         self._done = False
         self._res = DemuxResult()
 
@@ -70,6 +84,11 @@ class OutputDemuxer:
         return self._done
 
     def _emit_text(self, text: str, in_speech: bool, events: list[Event]) -> None:
+        if self._thinking:
+            if text:
+                self._res.reasoning += text
+                events.append(ReasoningDelta(text))
+            return
         if in_speech:
             if text:
                 self._res.tts_text += text
@@ -109,6 +128,10 @@ class OutputDemuxer:
             if code < sp.num_audio_codes:  # the pad code never reaches token2wav
                 self._res.audio_codes.append(code)
                 events.append(AudioCodes([code]))
+        elif self._thinking and tid == sp.think_end:
+            self._emit_text(self._decoder.flush(), False, events)
+            self._thinking = False
+            self._res.answer_start = len(self._res.token_ids)
         elif tid == sp.tts_start or tid == sp.tts_end:
             self._flush_section(events)
             self._in_speech = tid == sp.tts_start
@@ -135,7 +158,8 @@ class OutputDemuxer:
     def result(self) -> DemuxResult:
         """Everything demultiplexed so far (a copy)."""
         r = self._res
-        return DemuxResult(r.text, r.tts_text, list(r.audio_codes), list(r.tool_calls), list(r.token_ids), r.finished)
+        return DemuxResult(r.text, r.tts_text, list(r.audio_codes), list(r.tool_calls), list(r.token_ids), r.finished,
+                           r.reasoning, r.answer_start)
 
     def demux_all(self, token_ids: Iterable[int]) -> DemuxResult:
         """Feed every id, finish, and return the result."""

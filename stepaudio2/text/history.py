@@ -47,10 +47,14 @@ def assistant_turn_from_reply(
 
 
 def tool_result_turn(result_text: str, instruction: str | None = DEFAULT_TOOL_RESULT_INSTRUCTION) -> dict:
-    """An `input` turn carrying a tool's result, followed by the optional instruction."""
+    """An `input` turn carrying a tool's result, then the optional instruction, as two text items (upstream's
+    example sends them so, and each item is tokenised on its own)."""
     if not isinstance(result_text, str):
         raise InvalidInputError("a tool result must be a string")
-    return {"role": "input", "content": result_text + (instruction or "")}
+    items = [{"type": "text", "text": result_text}]
+    if instruction:
+        items.append({"type": "text", "text": instruction})
+    return {"role": "input", "content": items}
 
 
 def _offered_tools(messages: Sequence[dict]) -> set[str]:

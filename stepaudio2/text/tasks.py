@@ -5,6 +5,7 @@ System prompts are verbatim from the upstream examples (spec 3.3) unless a comme
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,11 +37,11 @@ S2ST_PROMPTS: Mapping[str, str] = MappingProxyType(
 )
 S2ST_ZH_PROMPT_EN = "Please listen carefully to this audio and then translate its content into Chinese speech."
 CAPTION_PROMPT = "Please briefly explain the important events involved in this audio clip."
-# Paraphrased (ours): upstream `uac_test` has a much longer Chinese prompt in the same spirit.
+# Upstream `uac_test` (universal audio caption), verbatim.
 ANALYZE_PROMPT = (
-    "你是一位经验丰富的音频分析专家，擅长从声音中捕捉细节。请仔细聆听这段音频，"
-    "对说话人的声音特征（如性别、年龄、情绪状态、语速和音调）、说话内容、背景声音以及环境信息进行全面、客观的描述，"
-    "最后用一段话进行总结。"
+    "你是一位经验丰富的音频分析专家，擅长对各种语音音频进行深入细致的分析。你的任务不仅仅是将音频内容准确转写为文字，"
+    "还要对说话人的声音特征（如性别、年龄、情绪状态）、背景声音、环境信息以及可能涉及的事件进行全面描述。"
+    "请以专业、客观的视角，详细、准确地完成每一次分析和转写。"
 )
 AUDIO_QA_PROMPT = (
     "You are an expert in audio analysis, please analyze the audio content and answer the questions accurately."
@@ -51,6 +52,32 @@ VOICE_CHAT_PROMPT = "请用语音与我交流。"
 TOOL_ABILITY_PROMPT = (
     "你具备调用工具解决问题的能力，你需要根据用户的需求和上下文情景，自主选择是否调用系统提供的工具来协助用户。"
 )
+# voice-chat with tools: the system prompt of upstream's tool-call example (its persona), verbatim, with the
+# request's date on the date line ("今天是2025年8月28日，星期四" in the example).
+TOOL_PERSONA_LINES = (
+    "你的名字叫做小跃，是由阶跃星辰公司训练出来的语音大模型。",
+    TOOL_ABILITY_PROMPT,
+    "你情感细腻，观察能力强，擅长分析用户的内容，并作出善解人意的回复，说话的过程中时刻注意用户的感受，富有同理心，"
+    "提供多样的情绪价值。",
+    "今天是{date}",
+    "请用默认女声与用户交流",
+)
+_WEEKDAYS = "一二三四五六日"
+
+
+def persona_date(day: datetime.date) -> str:
+    """The persona's date as upstream writes it: 2025年8月28日，星期四."""
+    return f"{day.year}年{day.month}月{day.day}日，星期{_WEEKDAYS[day.weekday()]}"
+
+
+def parse_today(today: str | None) -> datetime.date:
+    """The request's `today` (ISO YYYY-MM-DD), else the local date."""
+    if today is None:
+        return datetime.date.today()
+    try:
+        return datetime.date.fromisoformat(str(today))
+    except ValueError as exc:
+        raise InvalidInputError(f"request field 'today' must be an ISO date YYYY-MM-DD, got {today!r}") from exc
 
 # Speed and voice are plain instructions: no token or parameter exists upstream (spec 3.3). [I] wording is ours,
 # except the female-voice line, which is the upstream persona's.
@@ -98,6 +125,9 @@ class TaskPreset:
     # target language -> system prompt, for tasks that take a `target_language` option
     prompts_by_language: Mapping[str, str] | None = field(default=None, hash=False)
     default_language: str | None = None
+    # Order of the human turn when it has both: upstream's multi-modal chat example puts the text first, its
+    # audio question-answering example the audio first.
+    text_before_audio: bool = False
 
     def prompt_for(self, target_language: str | None) -> str:
         """System prompt for the given target language option (validated)."""
@@ -166,6 +196,7 @@ TASKS: Mapping[str, TaskPreset] = MappingProxyType(
                 False,
                 _sampling(0.7, top_p=0.9, repetition_penalty=1.05),
                 "text reply to text and/or audio",
+                text_before_audio=True,
             ),
             TaskPreset(
                 "voice-chat",
@@ -174,6 +205,7 @@ TASKS: Mapping[str, TaskPreset] = MappingProxyType(
                 False,
                 _sampling(0.7, top_p=0.9, repetition_penalty=1.05, max_new_tokens=4096),
                 "spoken reply to audio and/or text",
+                text_before_audio=True,
             ),
         ]
     }
@@ -211,9 +243,10 @@ def _check_chunks(audio_chunks: list[int] | None) -> list[int] | None:
     if audio_chunks is None:
         return None
     if not isinstance(audio_chunks, (list, tuple)) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in audio_chunks
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in audio_chunks
     ):
-        raise InvalidInputError(f"audio_chunks must be a list of positive patch counts, got {audio_chunks!r}")
+        # 0 is upstream's empty block for a chunk of <= 320 samples
+        raise InvalidInputError(f"audio_chunks must be a list of non-negative patch counts, got {audio_chunks!r}")
     return list(audio_chunks) or None
 
 
@@ -224,10 +257,19 @@ def build_system_prompt(
     speed: str | None = None,
     voice: str | None = None,
     target_language: str | None = None,
+    today: str | None = None,
 ) -> str:
-    """Task prompt plus the speed / voice / tool-ability sentences, one per line."""
+    """Task prompt plus the speed / voice / tool-ability sentences, one per line. voice-chat with tools uses
+    upstream's tool-call persona instead (its last line is the voice line; a `voice` option replaces it)."""
     preset = get_task(task)
     base = preset.prompt_for(target_language)
+    day = parse_today(today)  # validated even where unused
+    if tools and task == "voice-chat":
+        lines = [line.format(date=persona_date(day)) for line in TOOL_PERSONA_LINES]
+        voice_line = _option("voice", voice, VOICE_INSTRUCTIONS, "zh") if voice not in (None, "female") else None
+        if voice_line:
+            lines[-1] = voice_line
+        return "\n".join([*lines, *filter(None, [_option("speed", speed, SPEED_INSTRUCTIONS, "zh")])])
     lang = _lang_of(base)
     extra = [
         _option("speed", speed, SPEED_INSTRUCTIONS, lang),
@@ -252,11 +294,13 @@ def build_messages(
     speed: str | None = None,
     voice: str | None = None,
     target_language: str | None = None,
+    today: str | None = None,
 ) -> tuple[list[dict], Generation]:
     """Messages for one request of a task preset, and whether the reply is text or speech.
 
-    Order: system, tool_json_schemas (if tools), history turns, then the new human turn (audio items first,
-    then the text) when the request carries audio or text.
+    Order: system, tool_json_schemas (if tools), history turns, then the new human turn when the request carries
+    audio or text: text then audio for chat / voice-chat (upstream's multi-modal example), audio then text
+    otherwise (upstream's audio QA example). Explicit `messages` keep their items in the order given.
     """
     preset = get_task(task)
     chunks = _check_chunks(audio_chunks)
@@ -281,7 +325,7 @@ def build_messages(
         {
             "role": "system",
             "content": build_system_prompt(
-                task, tools=tool_list, speed=speed, voice=voice, target_language=target_language
+                task, tools=tool_list, speed=speed, voice=voice, target_language=target_language, today=today
             ),
         }
     ]
@@ -290,7 +334,8 @@ def build_messages(
     messages += history
     items: list[dict] = [{"type": "audio", "chunks": list(chunks)}] if chunks else []
     if text:
-        items.append({"type": "text", "text": text})
+        text_item = {"type": "text", "text": text}
+        items = [text_item, *items] if preset.text_before_audio else [*items, text_item]
     if items:
         messages.append({"role": "human", "content": items})
     return messages, preset.output

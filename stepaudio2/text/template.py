@@ -76,8 +76,9 @@ def _content_segments(role: str, content: Any, where: str) -> list[_Segment]:
             if not isinstance(chunks, (list, tuple)) or not chunks:
                 raise InvalidInputError(f"{at}: an audio item needs a non-empty 'chunks' list of patch counts")
             for n in chunks:
-                if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-                    raise InvalidInputError(f"{at}: audio chunk patch count must be a positive integer, got {n!r}")
+                # 0 is upstream's block for a chunk of <= 320 samples: `<audio_start><audio_end>`.
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise InvalidInputError(f"{at}: audio chunk patch count must be a non-negative integer, got {n!r}")
                 out.append(("audio", n))
         elif kind == "token_ids":
             ids = item.get("ids")
@@ -104,7 +105,7 @@ def _tool_call_segments(calls: Any, where: str) -> list[_Segment]:
     return out
 
 
-def _segments(messages: list[dict], generation: Generation | None) -> list[_Segment]:
+def _segments(messages: list[dict], generation: Generation | None, think: bool = False) -> list[_Segment]:
     if not isinstance(messages, (list, tuple)):
         raise InvalidInputError("messages must be a list of {'role', 'content'} dicts")
     if generation not in (None, "text", "speech"):
@@ -127,7 +128,13 @@ def _segments(messages: list[dict], generation: Generation | None) -> list[_Segm
                 raise InvalidInputError(f"{where}: only assistant messages carry tool_calls")
             segs += _tool_call_segments(msg["tool_calls"], where)
         segs.append(("text", T.EOT))
-    if generation == "text":
+    if think:
+        # Upstream's think examples: the model reasons, closes with </think>, then answers (a spoken answer
+        # opens with its own <tts_start>), so the opener is the same for text and speech.
+        if generation is None:
+            raise InvalidInputError("think mode needs a generation mode (text or speech)")
+        segs.append(("text", f"{T.BOT}assistant\n{T.THINK_START}\n"))
+    elif generation == "text":
         segs.append(("text", f"{T.BOT}assistant\n"))
     elif generation == "speech":
         segs.append(("text", f"{T.BOT}assistant\n{T.TTS_START}"))
@@ -143,10 +150,11 @@ def render_prompt(
     *,
     generation: Generation | None,
     tokenizer: StepAudio2Tokenizer | None = None,
+    think: bool = False,
 ) -> str:
     """The prompt as one string. token_ids items are decoded, which needs `tokenizer`."""
     parts: list[str] = []
-    for kind, value in _segments(messages, generation):
+    for kind, value in _segments(messages, generation, think):
         if kind == "text":
             parts.append(value)
         elif kind == "audio":
@@ -159,13 +167,13 @@ def render_prompt(
 
 
 def encode_prompt(
-    tokenizer: StepAudio2Tokenizer, messages: list[dict], *, generation: Generation | None
+    tokenizer: StepAudio2Tokenizer, messages: list[dict], *, generation: Generation | None, think: bool = False
 ) -> PromptIds:
     """Prompt ids, each segment tokenised separately (HF quirk, spec 3.2), with the audio placeholder spans."""
     sp = tokenizer.special
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
-    for kind, value in _segments(messages, generation):
+    for kind, value in _segments(messages, generation, think):
         if kind == "text":
             ids += tokenizer.encode(value)
         elif kind == "audio":

@@ -9,15 +9,18 @@ from typing import Any
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.text.tokens import TOOL_CALL_END, TOOL_CALL_START
 
+# The default web-search tool, exactly as upstream's tool-call example defines it (name `search`, its
+# description and `additionalProperties: false`): the schema is written into the prompt verbatim.
 WEB_SEARCH_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
-        "name": "web_search",
-        "description": "搜索工具：在互联网上检索实时信息，例如新闻、天气、赛事结果和事实性知识。",
+        "name": "search",
+        "description": "搜索工具",
         "parameters": {
             "type": "object",
-            "properties": {"query": {"type": "string", "description": "搜索关键词或问题"}},
+            "properties": {"query": {"type": "string", "description": "搜索关键词"}},
             "required": ["query"],
+            "additionalProperties": False,
         },
     },
 }

@@ -30,13 +30,12 @@ from stepaudio2.errors import CheckpointError, InvalidInputError
 from stepaudio2.token2wav.config import CFMConfig, FlowConfig, load_flow_config
 from stepaudio2.token2wav.conformer import UpsampleConformerEncoderV2
 from stepaudio2.token2wav.dit import DiT
+from stepaudio2.token2wav.noise import NOISE_SECONDS, upstream_noise_buffer
 
 FLOW_WEIGHTS = "flow.pt"
 
 N_TIMESTEPS = 10  # Euler steps on the cosine grid t = 1 - cos(pi/2 * linspace(0, 1, N + 1))
 MEL_FRAME_RATE = 50  # frames per second of the flow's mel
-NOISE_SECONDS = 600  # the fixed noise buffer covers this much mel (upstream: 50 * 600 frames)
-NOISE_SEED = 1986  # seeds the noise buffer, so every worker draws the same x0
 # Streaming: the estimator keeps the prompt frames plus this many most recent frames (spec §4.3). Our caches are
 # oldest first. Upstream's DiT cache is newest first, so its literal `[:prompt] + [-100:]` slice keeps the newest
 # prompt-length frames and the prompt's last 100 instead; the count, hence the noise offset, is the same.
@@ -97,14 +96,14 @@ def _euler_dts(n_steps: int, device: torch.device) -> list[tuple[torch.Tensor, t
 class CausalConditionalCFM(nn.Module):
     """`decoder`: the DiT estimator plus the fixed noise buffer and the CFG sampler."""
 
-    def __init__(self, cfg: CFMConfig) -> None:
+    def __init__(self, cfg: CFMConfig, noise: torch.Tensor) -> None:
+        """`noise` (1, mel, frames): the fixed x0 buffer (`upstream_noise_buffer`: upstream's draw for the
+        flow's dimensions, the same in every worker)."""
         super().__init__()
         self.estimator = DiT(cfg.estimator)
         self.inference_cfg_rate = float(cfg.inference_cfg_rate)
         self.mel_bins = cfg.estimator.out_channels
-        gen = torch.Generator().manual_seed(NOISE_SEED)
-        noise = torch.randn(1, self.mel_bins, MEL_FRAME_RATE * NOISE_SECONDS, generator=gen)
-        self.register_buffer("rand_noise", noise, persistent=False)
+        self.register_buffer("rand_noise", noise.clone(), persistent=False)
         self.engine: FlowEngine | None = None  # None: the torch estimator
 
     @property
@@ -206,7 +205,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
         self.spk_embed_affine_layer = nn.Linear(cfg.spk_embed_dim, cfg.output_size)
         self.encoder = UpsampleConformerEncoderV2(cfg.encoder)
         self.encoder_proj = nn.Linear(cfg.encoder.output_size, cfg.output_size)
-        self.decoder = CausalConditionalCFM(cfg.decoder)
+        self.decoder = CausalConditionalCFM(cfg.decoder, upstream_noise_buffer(cfg))
         self.engine: FlowEngine | None = None  # None: the torch modules (see set_engine)
 
     def set_engine(self, engine: FlowEngine | None) -> None:

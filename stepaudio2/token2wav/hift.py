@@ -150,9 +150,17 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, like: to
     return torch.rand(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
-def _normal(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def _normal_in_layout(
+    shape: tuple[int, ...], perm: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor
+) -> torch.Tensor:
+    """N(0, 1) of `shape` whose memory is laid out as `shape` permuted by `perm`, filled as upstream's
+    `randn_like` fills a strided view: `empty(permuted).permute(back).normal_()`. Which elements get which draw
+    (and, on the CPU, the sampling path) follow the memory layout, so only this reproduces upstream's values."""
     device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+    stored = tuple(shape[i] for i in perm)
+    back = tuple(perm.index(i) for i in range(len(perm)))
+    out = torch.empty(stored, device=device, dtype=like.dtype).permute(back)
+    return out.normal_(generator=generator).to(like.device)
 
 
 class SourceModule(nn.Module):
@@ -191,9 +199,14 @@ class SourceModule(nn.Module):
         voiced = (f0 > self.voiced_threshold).to(f0.dtype)
         # Unvoiced frames get noise of about the sine amplitude, voiced ones a faint noise floor.
         noise_amp = voiced * self.noise_std + (1 - voiced) * (self.sine_amp / 3)
-        noise = noise_amp * _normal(tuple(sines.shape), generator, f0)
+        # Upstream's sines are a transposed view of (B, H, L) memory and it draws randn_like(sines): same layout.
+        noise = noise_amp * _normal_in_layout((batch, length, self.num_harmonics), (0, 2, 1), generator, f0)
         excitation = sines * voiced + noise
-        return torch.tanh(self.l_linear(excitation))
+        out = torch.tanh(self.l_linear(excitation))
+        # Upstream's source module then draws one unused randn_like(uv), (B, L, 1): drawn and dropped here too,
+        # so the next call (the next streamed chunk) starts at the same point of the stream.
+        _normal_in_layout((batch, length, 1), (0, 1, 2), generator, f0)
+        return out
 
 
 class HiFTGenerator(nn.Module):

@@ -4,18 +4,17 @@ replies are synthesised offline (whole reply, batched with other requests in tok
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
-    bytes_value,
+    bytes_values,
     json_value,
     optional_input,
     triton_error,
@@ -25,11 +24,13 @@ from stepaudio2.text import StepAudio2Tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
-        self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.stages = stages_from_parameters(BlsStages(pb_utils), params)  # BLS, or gRPC per `remote_<stage>`
+        params = ModelParameters.from_args(args)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
+        # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
+        remotes = {"audio_encoder": params.text("remote_audio_encoder"), "llm": params.text("remote_llm"),
+                   "voice_prompt": params.text("remote_voice_prompt"), "token2wav": params.text("remote_token2wav")}
+        self.stages = stages_from_parameters(BlsStages(pb_utils), remotes,
+                                             params.number("remote_timeout_s", minimum=0.001))
 
     def execute(self, requests: list) -> list:
         responses = []
@@ -39,7 +40,7 @@ class TritonPythonModel:
                 payload = serve_request(
                     self.tokenizer, self.stages,
                     json_value(optional_input(pb_utils, request, "request"), "request"),
-                    bytes_value(optional_input(pb_utils, request, "audio")), None,
+                    bytes_values(optional_input(pb_utils, request, "audio")), None,
                     lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
                     is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
                 )

@@ -7,10 +7,8 @@ concurrency comes from `instance_group` count (Triton routes each new request to
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 from stepaudio2.errors import UnavailableError
 from stepaudio2.serving.bls import BlsStages, Cancelled
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.session_store import open_store
@@ -27,6 +26,7 @@ from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    bytes_values,
     json_value,
     optional_input,
     triton_error,
@@ -38,19 +38,21 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        llm_dir = Path(os.environ["STEPAUDIO2_RUNTIME"]) / "model_repository" / "llm" / "1"
-        self.tokenizer = StepAudio2Tokenizer.from_dir(llm_dir)
+        params = ModelParameters.from_args(args)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
-        # Sessions and voices: files under the runtime folder (default) or Redis (`session_store` parameter).
-        store = open_store(params.get("session_store", ""), Path(os.environ["STEPAUDIO2_RUNTIME"]),
-                           max_sessions=int(params.get("max_sessions", 1024)),
-                           ttl_s=float(params.get("session_ttl_s", 1800)))
+        # Sessions and voices: files in `sessions_dir` (default, one server) or Redis (`session_store`), shared
+        # by every instance (and, with Redis, every replica).
+        store = open_store(params.text("session_store"), params.path("sessions_dir"),
+                           max_sessions=params.integer("max_sessions", minimum=1),
+                           ttl_s=params.number("session_ttl_s", minimum=0))
         self.sessions = SessionStore(store)
         # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
-        self.stages = SharedVoiceStages(stages_from_parameters(BlsStages(pb_utils), params), store)
+        remotes = {"audio_encoder": params.text("remote_audio_encoder"), "llm": params.text("remote_llm"),
+                   "voice_prompt": params.text("remote_voice_prompt"), "token2wav": params.text("remote_token2wav")}
+        local = stages_from_parameters(BlsStages(pb_utils), remotes, params.number("remote_timeout_s", minimum=0.001))
+        self.stages = SharedVoiceStages(local, store)
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
 
     def _locked(self, fn):
@@ -80,7 +82,7 @@ class TritonPythonModel:
             serve_request(
                 self.tokenizer, self.stages,
                 json_value(optional_input(pb_utils, request, "request"), "request"),
-                bytes_value(optional_input(pb_utils, request, "audio")),
+                bytes_values(optional_input(pb_utils, request, "audio")),
                 _voice_bytes(optional_input(pb_utils, request, "voice")),
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,

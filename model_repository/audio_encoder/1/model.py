@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.audio import pad_mels
 from stepaudio2.engines.runners import make_runner
 from stepaudio2.errors import InvalidInputError
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.triton_utils import required_input, triton_error
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.runner = make_runner(version_dir / "audio_encoder.onnx", os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu"))
+        params = ModelParameters.from_args(args)
+        engine = params.choice("engine", ("onnx-cpu", "onnx-cuda", "tensorrt"))
+        self.runner = make_runner(params.path("model_dir") / "audio_encoder.onnx", engine)
 
     def execute(self, requests: list) -> list:
         parsed, responses = [], [None] * len(requests)
@@ -36,7 +35,10 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
         if parsed:
             batch, _ = pad_mels([m for _, m, _ in parsed])
-            out = self.runner(mel=batch, mel_lengths=np.array([n for _, _, n in parsed], np.int64))
+            # Each request's own frame count is the batch length its item saw upstream (the pipeline pads a
+            # request's chunks to their longest): the graph keeps every item as if it ran alone at that length.
+            frames = np.array([m.shape[1] for _, m, _ in parsed], np.int64)
+            out = self.runner(mel=batch, mel_lengths=np.array([n for _, _, n in parsed], np.int64), mel_frames=frames)
             for row, (i, _, _) in enumerate(parsed):
                 n = int(out["embed_lengths"][row])
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[

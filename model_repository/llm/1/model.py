@@ -1,23 +1,37 @@
-"""Triton adapter for the LLM: each request becomes a sequence in the core ContinuousBatcher, which runs in a
-background thread and streams one response per token through the request's response sender."""
+"""Triton adapter for the LLM on vLLM's async engine (paged KV, continuous batching, vLLM's sampler).
+
+Audio reaches vLLM as prompt embeddings: the token embeddings of `input_ids` with the audio encoder's output
+written over the `<audio_patch>` spans. Every response, error and cancellation check runs on one asyncio thread
+(this Triton's Python backend crashed when several threads of one stub sent at once).
+"""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-from pathlib import Path
+import locale
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+# The stub's interpreter starts with an ASCII locale and ignores PYTHONUTF8/LANG; importing vLLM reads UTF-8
+# files, so switch before any import that reaches vLLM (ecosystem R6).
+locale.setlocale(locale.LC_ALL, "C.UTF-8")
 
-from stepaudio2.engines.llm import OnnxBackend, splice_audio
-from stepaudio2.engines.sampling import SamplingParams
-from stepaudio2.engines.scheduler import ContinuousBatcher, QueueFullError, SequenceRequest
-from stepaudio2.errors import InvalidInputError
-from stepaudio2.request import stop_ids
-from stepaudio2.serving.metrics import LLMMetrics
-from stepaudio2.serving.triton_utils import (
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from stepaudio2.engines.vllm_engine import (  # noqa: E402
+    EngineSettings,
+    RequestTracker,
+    build_prompt_embeds,
+    make_engine,
+    vllm_sampling,
+)
+from stepaudio2.errors import InvalidInputError, QueueFullError  # noqa: E402
+from stepaudio2.serving.metrics import LLMMetrics, VllmMetrics  # noqa: E402
+from stepaudio2.serving.parameters import ModelParameters  # noqa: E402
+from stepaudio2.serving.triton_utils import (  # noqa: E402
     bytes_tensor,
     bytes_value,
     json_value,
@@ -25,129 +39,145 @@ from stepaudio2.serving.triton_utils import (
     required_input,
     triton_error,
 )
-from stepaudio2.text import StepAudio2Tokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+CANCEL_POLL_S = 0.05  # how often the loop asks Triton whether a client left (one thread, all requests)
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        import json
-
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        repo = Path(args["model_repository"]).parent
-        self.backend = OnnxBackend(repo, os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu"))
-        self.tokenizer = StepAudio2Tokenizer.from_dir(repo / "llm" / "1")
         from stepaudio2.config import load_config
+        from stepaudio2.engines.sampling import SamplingParams
+        from stepaudio2.request import stop_ids
+        from stepaudio2.text import StepAudio2Tokenizer
 
-        self.config = load_config(repo / "llm" / "1")
-        t = self.config.text
-        self.vocab_size = t.vocab_size
-        self.batcher = ContinuousBatcher(
-            self.backend.decoder,
-            self.backend.embed,
-            (t.num_hidden_layers, t.num_key_value_heads, t.head_dim, t.max_position_embeddings),
-            max_slots=int(params.get("max_slots", 8)),
-            max_queue=int(params.get("max_queue", 32)),
-            on_step=self._on_step,
+        self._SamplingParams, self._stop_ids = SamplingParams, stop_ids
+        params = ModelParameters.from_args(args)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.settings = EngineSettings(
+            kv_cache_space_gib=params.integer("kv_cache_space_gib", minimum=1),
+            gpu_memory_utilization=params.number("gpu_memory_utilization", minimum=0.0),
+            max_num_seqs=params.integer("max_num_seqs", minimum=1),
+            max_queue=params.integer("max_queue", minimum=0),
+            max_model_len=params.integer("max_model_len", minimum=2),
+            max_num_batched_tokens=params.integer("max_num_batched_tokens", minimum=1),
+            dtype=params.choice("dtype", ("float32", "bfloat16", "float16")),
+            enforce_eager=params.flag("enforce_eager"),
+            enable_prefix_caching=params.flag("enable_prefix_caching"),
+            python_executable=params.text("python_executable"),
         )
+        self.config = load_config(version_dir)
+        self.tokenizer = StepAudio2Tokenizer.from_dir(version_dir)
+        self.vocab_size = self.config.text.vocab_size
+        self.table = np.load(version_dir / "embed_tokens.npy", mmap_mode="r")
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
-        self.metrics.slots_total.set(self.batcher.max_slots)
-        self.send_lock = threading.RLock()
-        self.cancelled: set[str] = set()  # sequence ids cancelled by the pipeline (thread-safe set ops)
-        self.worker = threading.Thread(target=self.batcher.run, name="llm-continuous-batching", daemon=True)
-        self.worker.start()
+        self.metrics.slots_total.set(self.settings.max_num_seqs)
+        self.vllm_metrics = VllmMetrics(pb_utils, args["model_name"], decode_batch=self.metrics.batch)
+        self.tracker = RequestTracker(self.settings.max_num_seqs + self.settings.max_queue)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="llm-vllm-loop", daemon=True)
+        self.thread.start()
+        # The engine is built on the loop: vLLM's output handler task lives there.
+        self.engine = self._call(make_engine(version_dir / "qwen2", self.settings, self.vllm_metrics.logger_factory))
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._watch_cancellations()))
 
-    def _on_step(self, batch_size: int, active: int, waiting: int) -> None:
-        if batch_size:
-            self.metrics.batch.observe(batch_size)
-        self.metrics.active.set(active)  # one KV slot per running sequence
-        self.metrics.queue.set(waiting)
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def _sequence(self, request, sender, arrived: float) -> SequenceRequest:
-        ids = required_input(pb_utils, request, "input_ids").reshape(-1).astype(np.int64)
-        if ids.size == 0:
-            raise InvalidInputError("'input_ids' is empty")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise InvalidInputError(f"'input_ids' has ids outside [0, {self.vocab_size})")
-        embeds = optional_input(pb_utils, request, "audio_embeds")
-        spans = optional_input(pb_utils, request, "audio_spans")
-        chunks, span_list = [], []
-        if spans is not None and spans.size:
-            span_list = [(int(a), int(b)) for a, b in spans.reshape(-1, 2)]
-            if embeds is None or embeds.ndim != 2:
-                raise InvalidInputError("'audio_spans' given without 2-D 'audio_embeds' [N, hidden]")
-            if any(a < 0 or a + b > ids.size for a, b in span_list):
-                raise InvalidInputError("'audio_spans' point outside 'input_ids'")
-            if sum(b for _, b in span_list) != embeds.shape[0]:
-                raise InvalidInputError("'audio_spans' counts do not add up to the rows of 'audio_embeds'")
-            offsets = np.cumsum([0] + [b for _, b in span_list])
-            chunks = [embeds[offsets[k] : offsets[k + 1]] for k in range(len(span_list))]
-        prompt = splice_audio(self.backend.embed(ids.tolist()), chunks, span_list)
-        sampling = SamplingParams.from_dict(json_value(optional_input(pb_utils, request, "sampling"), "sampling") or {})
-        seq_id = (bytes_value(optional_input(pb_utils, request, "sequence_id")) or b"").decode() or None
-        state = {"last": arrived, "first": True}
-
-        def on_token(token: int) -> None:
-            now = time.perf_counter()
-            (self.metrics.ttft if state["first"] else self.metrics.inter_token).observe(now - state["last"])
-            state.update(last=now, first=False)
-            self.metrics.tokens.increment(1)
-            self._send(sender, pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("token_ids", np.array([token], np.int64)),
-            ]))
-
-        def on_finish(reason: str) -> None:
-            self.cancelled.discard(seq_id)
-            self.metrics.finished(reason)
-            if reason.startswith("error"):
-                self._send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(reason)), flags=FINAL)
-            else:
-                self._send(sender, pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("token_ids", np.zeros(0, np.int64)), bytes_tensor(pb_utils, "finish_reason", reason),
-                ]), flags=FINAL)
-
-        return SequenceRequest(
-            request_id=request.request_id() or "",
-            prompt_embeds=prompt,
-            prompt_ids=ids.tolist(),
-            sampling=sampling,
-            stop_ids=frozenset(stop_ids(self.tokenizer, self.config, sampling)),
-            on_token=on_token,
-            on_finish=on_finish,
-            is_cancelled=lambda: (seq_id is not None and seq_id in self.cancelled) or self._request_cancelled(request),
-        )
-
-    def _request_cancelled(self, request) -> bool:
-        with self.send_lock:
-            return request.is_cancelled()
-
-    def _send(self, sender, response=None, flags: int = 0) -> None:
-        # One send at a time per stub (the batcher thread and execute() both answer): concurrent sends crashed
-        # this Triton version's Python backend.
-        with self.send_lock:
-            if response is None:
-                sender.send(flags=flags)
-            else:
-                sender.send(response, flags=flags)
+    # ---- execute: parse on Triton's thread, everything else on the loop ------------------------------------------
 
     def execute(self, requests: list) -> None:
         for request in requests:
             sender = request.get_response_sender()
             cancel = bytes_value(optional_input(pb_utils, request, "cancel"))
-            if cancel is not None:  # control request: mark, answer at once; the slot frees at the next step
-                self.cancelled.add(cancel.decode())
-                self._send(sender, flags=FINAL)
+            if cancel is not None:  # control request: abort that sequence, answer at once
+                self._on_loop(self._cancel(cancel.decode(), sender))
                 continue
             try:
-                self.batcher.submit(self._sequence(request, sender, time.perf_counter()))
+                job = self._parse(request)
+                self.tracker.admit(job["request_id"])
             except Exception as exc:
                 if isinstance(exc, QueueFullError):
                     self.metrics.rejected.increment(1)
-                self._send(sender, pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+                self._on_loop(self._fail(sender, exc))
+                continue
+            self._on_loop(self._generate(request, sender, **job))
         return None
 
+    def _on_loop(self, coro) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def _parse(self, request) -> dict:
+        ids = required_input(pb_utils, request, "input_ids").reshape(-1).astype(np.int64)
+        embeds = build_prompt_embeds(
+            ids, self.table, self.vocab_size,
+            optional_input(pb_utils, request, "audio_embeds"), optional_input(pb_utils, request, "audio_spans"),
+        )
+        if ids.size >= self.settings.max_model_len:
+            raise InvalidInputError(
+                f"'input_ids' has {ids.size} tokens; the engine's max_model_len is {self.settings.max_model_len}")
+        sampling = self._SamplingParams.from_dict(
+            json_value(optional_input(pb_utils, request, "sampling"), "sampling") or {})
+        stops = self._stop_ids(self.tokenizer, self.config, sampling)
+        seq_id = (bytes_value(optional_input(pb_utils, request, "sequence_id")) or b"").decode()
+        return {"request_id": seq_id or uuid.uuid4().hex, "embeds": embeds,
+                "params": vllm_sampling(sampling, stops)}
+
+    # ---- on the loop thread ------------------------------------------------------------------------------------
+
+    async def _generate(self, request, sender, request_id: str, embeds, params) -> None:
+        import time
+
+        arrived, last, first = time.perf_counter(), None, True
+        reason = "error"
+        self.tracker.start(request_id, request)
+        try:
+            async for out in self.engine.generate({"prompt_embeds": embeds}, params, request_id=request_id):
+                if self.tracker.is_cancelled(request_id):
+                    break
+                tokens = list(out.outputs[0].token_ids)  # DELTA: only what is new (several when we fell behind)
+                if tokens:
+                    now = time.perf_counter()
+                    (self.metrics.ttft if first else self.metrics.inter_token).observe(now - (last or arrived))
+                    first, last = False, now
+                    self.metrics.tokens.increment(len(tokens))
+                    sender.send(pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("token_ids", np.asarray(tokens, np.int64))]))
+                if out.finished:
+                    reason = {"stop": "stop", "length": "length"}.get(out.outputs[0].finish_reason, "cancelled")
+            if self.tracker.is_cancelled(request_id):
+                reason = "cancelled"
+                await self.engine.abort(request_id)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("token_ids", np.zeros(0, np.int64)), bytes_tensor(pb_utils, "finish_reason", reason),
+            ]), flags=FINAL)
+        except Exception as exc:  # engine errors end this stream only
+            reason = "error"
+            if type(exc).__name__ == "VLLMValidationError":  # vLLM rejected the request itself
+                exc = InvalidInputError(str(exc))
+            sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+        finally:
+            self.tracker.finish(request_id)
+            self.metrics.finished(reason)
+
+    async def _cancel(self, request_id: str, sender) -> None:
+        if self.tracker.cancel(request_id):
+            await self.engine.abort(request_id)  # frees its KV blocks now, not at the next token
+        sender.send(flags=FINAL)
+
+    async def _fail(self, sender, exc: BaseException) -> None:
+        sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+
+    async def _watch_cancellations(self) -> None:
+        """Clients that left (gRPC cancel, disconnect): abort their sequences so the KV blocks free."""
+        while True:
+            await asyncio.sleep(CANCEL_POLL_S)
+            for request_id in self.tracker.newly_cancelled():
+                await self.engine.abort(request_id)
+
     def finalize(self) -> None:
-        self.batcher.stop()
-        self.worker.join(10)
+        try:
+            self.engine.shutdown()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)

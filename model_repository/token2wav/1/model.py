@@ -5,16 +5,14 @@ estimator call per Euler step. execute() returns when every job of the batch is 
 
 from __future__ import annotations
 
-import json
-import os
 import threading
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.errors import InvalidInputError
 from stepaudio2.serving.metrics import Token2WavMetrics
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
@@ -73,22 +71,19 @@ class TritonPythonModel:
 
         from stepaudio2.token2wav.synth import Token2Wav
 
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        if int(params.get("torch_threads", 0)) > 0:
-            torch.set_num_threads(int(params["torch_threads"]))
-        # "torch" (default: the reference modules) or "server" (the graphs of --engine: onnx-cpu/onnx-cuda/tensorrt).
-        engine = params.get("engine", "torch")
-        if engine == "server":
-            engine = os.environ.get("STEPAUDIO2_ENGINE", "onnx-cpu")
-        t2w = Token2Wav(Path(args["model_repository"]) / "1", engine=engine)
+        params = ModelParameters.from_args(args)
+        if params.integer("torch_threads", minimum=0) > 0:
+            torch.set_num_threads(params.integer("torch_threads"))
+        # "torch": the reference modules; otherwise the exported graphs on that runtime.
+        engine = params.choice("engine", ("torch", "onnx-cpu", "onnx-cuda", "tensorrt"))
+        t2w = Token2Wav(params.path("model_dir"), engine=engine)
         self.metrics = Token2WavMetrics(pb_utils, args["model_name"])
         self.scheduler = SynthesisScheduler(
             t2w,
-            batching=params.get("batching", "true").lower() == "true",
-            max_batch=int(params.get("max_batch_streams", 16)),
-            max_streams=int(params.get("max_streams", 256)),
-            stream_ttl_s=float(params.get("stream_ttl_s", 120)),
+            batching=params.flag("batching"),
+            max_batch=params.integer("max_batch_streams", minimum=1),
+            max_streams=params.integer("max_streams", minimum=1),
+            stream_ttl_s=params.number("stream_ttl_s", minimum=0),
             on_round=self._on_round,
         )
 

@@ -3,27 +3,24 @@ the prompt features token2wav conditions on. Prompts are kept by content hash in
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.errors import InvalidInputError
+from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, optional_input, triton_error
 from stepaudio2.token2wav.prompt import VoicePrompt, VoicePromptEncoder, default_voice_path
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        t2w_dir = Path(args["model_repository"]).parent / "token2wav" / "1"
-        self.max_voices = int(params.get("max_voices", 64))
-        self.max_seconds = float(params.get("max_prompt_seconds", 30))
-        self.encoder = VoicePromptEncoder(t2w_dir, cache_size=self.max_voices)
+        params = ModelParameters.from_args(args)
+        self.max_voices = params.integer("max_voices", minimum=1)
+        self.max_seconds = params.number("max_prompt_seconds", minimum=0)
+        self.encoder = VoicePromptEncoder(params.path("token2wav_dir"), cache_size=self.max_voices)
         self.voices: OrderedDict[str, VoicePrompt] = OrderedDict()
         self.lock = threading.Lock()
         self.default = self._keep(self.encoder.encode_file(default_voice_path()))
