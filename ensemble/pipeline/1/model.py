@@ -1,8 +1,8 @@
 """Triton adapter for the streaming pipeline: runs `serve_request` (the core `run_pipeline` flow with the
 audio_encoder, llm, voice_prompt and token2wav stages reached over BLS, or over gRPC where a `remote_<stage>`
-parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. Each instance (a process) serves one request at a time on its own thread: the Python
-backend of this Triton version crashed when several threads of one stub talked to the server at once, so
-concurrency comes from `instance_group` count (Triton routes each new request to a free instance)."""
+parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. Each instance
+(a process) serves one request at a time on its own thread: the Python backend of this Triton version crashed
+when several threads of one stub talked to the server at once, so concurrency comes from `instance_group` count (Triton routes each new request to a free instance)."""
 
 from __future__ import annotations
 
