@@ -2,7 +2,8 @@
 audio_encoder, llm, voice_prompt and token2wav stages reached over BLS, or over gRPC where a `remote_<stage>`
 parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. Each instance
 (a process) serves one request at a time on its own thread: the Python backend of this Triton version crashed
-when several threads of one stub talked to the server at once, so concurrency comes from `instance_group` count (Triton routes each new request to a free instance)."""
+when several threads of one stub talked to the server at once, so concurrency comes from `instance_group` count
+(Triton routes each new request to a free instance)."""
 
 from __future__ import annotations
 
