@@ -172,8 +172,9 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stepaudio2.serving.gateway_process import start_gateway
-    from stepaudio2.serving.launcher import ServerConfig, check_config, serve_forever
+    from stepaudio2.serving.launcher import ServerConfig, check_config
     from stepaudio2.serving.model_config import parse_setting
+    from stepaudio2.serving.supervisor import serve_supervised
 
     settings: dict[str, dict[str, str]] = {}
     for text in args.settings:
@@ -190,11 +191,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
-        extra_args=list(args.triton_args), model_parameters=settings,
+        extra_args=list(args.triton_args) + [f"--trace-config={t}" for t in args.trace],
+        model_parameters=settings,
     )
+    # The gateway lives across the supervisor's in-place Triton restarts: it only needs the gRPC port.
     gateway = None if args.no_gateway else start_gateway(cfg, args.gateway_port)  # OpenAI-compatible HTTP door
     try:
-        return serve_forever(cfg)
+        return serve_supervised(cfg, args.health_port, max_restarts=args.max_restarts)
     finally:
         if gateway is not None:
             gateway.stop()
@@ -266,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
     p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
+    p.add_argument("--health-port", type=int, default=8003,
+                   help="end-to-end health endpoint (/health/live, /health/ready) for the probes")
+    p.add_argument("--max-restarts", type=int, default=5, help="in-place restarts within 10 min before giving up")
+    p.add_argument("--trace", action="append", default=[], metavar="SETTING",
+                   help="Triton trace setting, repeatable, passed as --trace-config (e.g. --trace mode=opentelemetry "
+                        "--trace opentelemetry,url=http://collector:4318/v1/traces --trace rate=100 "
+                        "--trace level=TIMESTAMPS)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="set a config.pbtxt parameter of a model, repeatable (e.g. --set token2wav.batching=false);"
                         " see README 'Model parameters'")

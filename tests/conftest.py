@@ -144,6 +144,23 @@ def tok(tmp_path_factory: pytest.TempPathFactory):
     return StepAudio2Tokenizer.from_dir(d)
 
 
+# pids of `stepaudio2 serve` processes tests started: their shared-memory regions are this session's too.
+SPAWNED_LAUNCHERS: set[int] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_shm_left_as_found():
+    """The suite leaves /dev/shm as it found it: after every other session fixture (servers included) is torn
+    down, no Python-backend region of a server this session started is left. Only our own regions are counted
+    (by the launcher pid in their name), so servers of other programs on the machine cannot fail this."""
+    from stepaudio2.serving import shm
+
+    yield
+    owners = {os.getpid(), *SPAWNED_LAUNCHERS}
+    left = [p.name for pid in owners for p in shm.regions(shm.process_prefix(pid))]
+    assert not left, f"shared-memory regions left in /dev/shm: {left[:5]} ({len(left)} in all)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -166,10 +166,12 @@ def test_deployment_essentials(rendered, vf):
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
     for name, spec in _pod_specs([d for d in docs if not _is_gateway(d)]):
         triton = spec["containers"][0]
-        assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-        assert {p["name"] for p in triton["ports"]} == {"grpc", "http", "metrics"}
+        # probes use serve's end-to-end health, not Triton's process-level /v2/health
+        assert triton["startupProbe"]["httpGet"] == {"path": "/health/ready", "port": "health"}
+        assert triton["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "health"}
+        assert triton["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "health"}
+        assert {p["name"] for p in triton["ports"]} == {"grpc", "http", "metrics", "health"}
+        assert f"--health-port={values.get('serve', {}).get('healthPort', 8003)}" in triton["args"]
         shm = [v for v in spec["volumes"] if v["name"] == "dshm"]
         assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
         gpus = triton["resources"]["limits"].get("nvidia.com/gpu", 0)
@@ -178,6 +180,10 @@ def test_deployment_essentials(rendered, vf):
             assert spec["nodeSelector"]["nvidia.com/gpu.product"]
             init = {c["name"]: c for c in spec.get("initContainers", [])}
             assert init["build-engines"]["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    # clients reach Triton's gRPC (and monitoring the metrics); its HTTP operator API is not exposed (the
+    # gateway's own Service, checked with the gateway, is the HTTP door)
+    for svc in (d for d in docs if d["kind"] == "Service" and not _is_gateway(d)):
+        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
     if vf == "values-split.yaml":
         args = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"]
                 for d in docs if d["kind"] == "Deployment" and not _is_gateway(d)}

@@ -225,7 +225,7 @@ def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint: Path, tmp_path: Path, 
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", str(tiny_checkpoint),
            "--runtime", str(runtime), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-           "--metrics-port", str(metrics_port)]
+           "--metrics-port", str(metrics_port), "--health-port", str(free_port()), "--no-gateway"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

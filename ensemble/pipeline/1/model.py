@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages, Cancelled
+from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
 from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.served_request import serve_request
@@ -23,7 +24,7 @@ from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
     bytes_values,
-    json_value,
+    log_failure,
     optional_input,
     triton_error,
 )
@@ -42,6 +43,15 @@ class TritonPythonModel:
         self.sessions = SessionStore(params.path("sessions_dir"), params.integer("max_sessions", minimum=1),
                                      params.number("session_ttl_s", minimum=0))
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
+        # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
+        self.limits = RequestLimits(
+            max_request_bytes=params.integer("max_request_bytes", minimum=1),
+            max_json_depth=params.integer("max_json_depth", minimum=1),
+            max_audio_bytes=params.integer("max_audio_bytes", minimum=1),
+            max_audio_seconds=params.number("max_audio_seconds", minimum=0),
+            max_text_chars=params.integer("max_text_chars", minimum=1),
+            max_new_tokens=params.integer("max_new_tokens", minimum=1),
+        )
 
     def _locked(self, fn):
         with self.send_lock:
@@ -67,11 +77,12 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
         try:
+            obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
+            clips = bytes_values(optional_input(pb_utils, request, "audio"))
+            voice = _voice_bytes(optional_input(pb_utils, request, "voice"))
+            check_request(obj, clips, voice, self.limits)
             serve_request(
-                self.tokenizer, self.stages,
-                json_value(optional_input(pb_utils, request, "request"), "request"),
-                bytes_values(optional_input(pb_utils, request, "audio")),
-                _voice_bytes(optional_input(pb_utils, request, "voice")),
+                self.tokenizer, self.stages, obj, clips, voice,
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )
@@ -81,6 +92,7 @@ class TritonPythonModel:
             with lock:
                 sender.send(flags=FINAL)
         except Exception as exc:
+            log_failure(pb_utils, "pipeline", request, exc, arrived)
             with lock:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
         finally:
