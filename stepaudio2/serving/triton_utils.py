@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from stepaudio2.errors import CapacityError, InvalidInputError, QueueFullError
+from stepaudio2.errors import CapacityError, InvalidInputError, QueueFullError, UnavailableError
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
@@ -20,7 +20,7 @@ def triton_error(pb_utils: Any, exc: BaseException):
     """
     if isinstance(exc, InvalidInputError):
         code, name, text = pb_utils.TritonError.INVALID_ARG, "INVALID_ARGUMENT", str(exc)
-    elif isinstance(exc, (QueueFullError, CapacityError)):
+    elif isinstance(exc, (QueueFullError, CapacityError, UnavailableError)):
         code, name, text = pb_utils.TritonError.UNAVAILABLE, "UNAVAILABLE", str(exc)
     else:
         code, name, text = pb_utils.TritonError.INTERNAL, "INTERNAL", f"{type(exc).__name__}: {exc}"

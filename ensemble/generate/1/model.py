@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 from stepaudio2.serving.bls import BlsStages
 from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.parameters import ModelParameters
+from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
@@ -27,7 +28,11 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = ModelParameters.from_args(args)
         self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
-        self.stages = BlsStages(pb_utils)
+        # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
+        remotes = {"audio_encoder": params.text("remote_audio_encoder"), "llm": params.text("remote_llm"),
+                   "voice_prompt": params.text("remote_voice_prompt"), "token2wav": params.text("remote_token2wav")}
+        self.stages = stages_from_parameters(BlsStages(pb_utils), remotes,
+                                             params.number("remote_timeout_s", minimum=0.001))
         # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
         self.limits = RequestLimits(
             max_request_bytes=params.integer("max_request_bytes", minimum=1),
