@@ -327,6 +327,15 @@ def test_bad_raw_llm_requests_are_invalid_argument(served: Served, asr_answer: l
         assert c.generate(ASR, HELLO.read_bytes(), timeout=REQUEST_BOUND_S)["token_ids"] == asr_answer
 
 
+def test_stage_pool_probes_pass_on_a_live_server(served: Served) -> None:
+    """The probes a split deployment's pools run (serve --models llm / token2wav,voice_prompt) answer for real."""
+    from stepaudio2.serving.health import EndToEndCheck
+
+    for models, probe in (({"llm"}, "llm"), ({"token2wav", "voice_prompt"}, "voice_prompt+token2wav")):
+        report = EndToEndCheck(served.url, speech=True, timeout_s=REQUEST_BOUND_S, models=models).run()
+        assert report.ok and [s.stage for s in report.stages] == [probe], report
+
+
 def _stub_pid(served: Served, instance_prefix: str) -> int:
     stubs = stub_pids(served.triton_pid())
     for pid, name in stubs.items():

@@ -310,3 +310,15 @@ def test_unknown_audio_format_keys_and_truncated_wavs_are_refused() -> None:
     assert wav_truncated(whole[: len(whole) // 3])
     with pytest.raises(InvalidInputError, match="truncated"):
         check_request({"task": "asr"}, whole[:2000], None, RequestLimits())
+
+
+def test_each_server_of_a_split_deployment_probes_what_it_serves() -> None:
+    from stepaudio2.serving.health import EndToEndCheck, probes_for
+
+    assert probes_for(None, speech=True) == ["pipeline", "voice_prompt+token2wav"]
+    assert probes_for(None, speech=False) == ["pipeline"]
+    assert probes_for({"pipeline", "audio_encoder"}, speech=True) == ["pipeline"]  # the front (pools are remote)
+    assert probes_for({"llm"}, speech=True) == ["llm"]  # the LLM pool
+    assert probes_for({"token2wav", "voice_prompt"}, speech=True) == ["voice_prompt+token2wav"]  # the vocoder pool
+    with pytest.raises(ValueError, match="nothing to probe"):
+        EndToEndCheck("127.0.0.1:1", speech=True, models={"audio_encoder"})

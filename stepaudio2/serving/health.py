@@ -3,7 +3,9 @@
 Triton's /v2/health/ready says only that the server process and its models loaded; it stayed 200 while every
 request failed (dead stub) or hung (an LLM thread blocked on a departed caller). This check sends real work:
 a one-token ASR request through `pipeline` (audio_encoder + llm + pipeline) and, when speech is served, the
-default voice from `voice_prompt` and a few codes through `token2wav`, each under a deadline. The launcher adds
+default voice from `voice_prompt` and a few codes through `token2wav`, each under a deadline. A server of a split
+deployment (`serve --models`) probes only what it serves: an LLM pool answers a one-token raw `llm` request, a
+token2wav pool the speech probe, a front the pipeline probe (which crosses to the pools). The launcher adds
 its own process-level facts (server alive, every stub alive) and serves the verdict on
 `/health/live` and `/health/ready` for the chart's probes.
 """
@@ -59,12 +61,24 @@ def _probe_wav(seconds: float = 0.5, rate: int = 16000) -> bytes:
     return buf.getvalue()
 
 
+def probes_for(models: set[str] | None, speech: bool) -> list[str]:
+    """The probes for a server serving `models` (None: every model; `speech`: token2wav is in its repository)."""
+    served = (lambda m: models is None or m in models)  # noqa: E731
+    probes = ["pipeline"] if served("pipeline") else (["llm"] if served("llm") else [])
+    if speech and served("token2wav") and served("voice_prompt"):
+        probes.append("voice_prompt+token2wav")
+    return probes
+
+
 class EndToEndCheck:
     """Runs the stage probes against one server over gRPC; `get()` answers from a cache of `cache_s` seconds."""
 
-    def __init__(self, grpc_url: str, speech: bool, timeout_s: float = 10.0, cache_s: float = 3.0) -> None:
+    def __init__(self, grpc_url: str, speech: bool, timeout_s: float = 10.0, cache_s: float = 3.0,
+                 models: set[str] | None = None) -> None:
         self.grpc_url = grpc_url
-        self.speech = speech
+        self.probes = probes_for(models, speech)
+        if not self.probes:
+            raise ValueError(f"nothing to probe on a server serving {sorted(models or [])}")
         self.timeout_s = timeout_s
         self.cache_s = cache_s
         self._wav = _probe_wav()
@@ -88,6 +102,37 @@ class EndToEndCheck:
             result = client.generate(PROBE_REQUEST, self._wav, timeout=self.timeout_s)
         if not result.get("token_ids"):
             raise RuntimeError("pipeline answered without tokens")
+
+    def _llm(self) -> None:
+        """One greedy token from a two-token prompt, straight to the (decoupled) llm model."""
+        import queue
+
+        import tritonclient.grpc as grpcclient
+
+        answers: queue.Queue = queue.Queue()
+        ids = grpcclient.InferInput("input_ids", [2], "INT64")
+        ids.set_data_from_numpy(np.array([1, 2], np.int64))
+        sampling = grpcclient.InferInput("sampling", [1], "BYTES")
+        sampling.set_data_from_numpy(np.array([json.dumps(PROBE_REQUEST["sampling"]).encode()], np.object_))
+        g = grpcclient.InferenceServerClient(self.grpc_url)
+        tokens = 0
+        try:
+            g.start_stream(callback=lambda result, error: answers.put((result, error)))
+            g.async_stream_infer("llm", [ids, sampling], enable_empty_final_response=True)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                result, error = answers.get(timeout=max(0.001, deadline - time.monotonic()))
+                if error is not None:
+                    raise RuntimeError(f"llm: {error.message() if hasattr(error, 'message') else error}")
+                out = result.as_numpy("token_ids")
+                tokens += 0 if out is None else out.size
+                if result.get_response().parameters.get("triton_final_response"):
+                    break
+        finally:
+            g.stop_stream(cancel_requests=True)
+            g.close()
+        if tokens == 0:
+            raise RuntimeError("llm finished without a token")
 
     def _speech(self) -> None:
         import tritonclient.grpc as grpcclient
@@ -114,9 +159,8 @@ class EndToEndCheck:
             g.close()
 
     def run(self) -> HealthReport:
-        stages = [self._timed("pipeline", self._pipeline)]
-        if self.speech:
-            stages.append(self._timed("voice_prompt+token2wav", self._speech))
+        run = {"pipeline": self._pipeline, "llm": self._llm, "voice_prompt+token2wav": self._speech}
+        stages = [self._timed(probe, run[probe]) for probe in self.probes]
         bad = [s for s in stages if not s.ok]
         report = HealthReport(ok=not bad, checked_at=time.time(), stages=stages,
                               reason="; ".join(f"{s.stage}: {s.error}" for s in bad))

@@ -88,7 +88,8 @@ class Supervisor:
     def start(self) -> None:
         self.server.start(self.start_timeout_s)
         speech = (self.cfg.runtime / "model_repository" / "token2wav").is_dir()
-        self.check = EndToEndCheck(f"{self.cfg.host}:{self.cfg.grpc_port}", speech, self.probe_timeout_s)
+        self.check = EndToEndCheck(f"{self.cfg.host}:{self.cfg.grpc_port}", speech, self.probe_timeout_s,
+                                   models=self.served_models())
         self.after_start()
 
     def after_start(self, retiring: frozenset[int] = frozenset()) -> None:
@@ -107,11 +108,20 @@ class Supervisor:
         log.info("ready: %d stubs, end-to-end check %.2f s", len(self.stubs),
                  sum(s.seconds for s in report.stages))
 
+    def served_models(self) -> set[str] | None:
+        """The models `--load-model` names (None: every model, `--load-model=*`)."""
+        named = {a.split("=", 1)[1] for a in self.cfg.extra_args if a.startswith("--load-model=")}
+        return None if not named or "*" in named else named
+
     def warm(self) -> None:
         """First-request work of every pipeline instance before ready: one concurrent probe per instance, so
-        Triton hands one to each idle instance (the models warm themselves in initialize)."""
+        Triton hands one to each idle instance (the models warm themselves in initialize). A stage pool of a
+        split deployment has no pipeline; its models warm themselves in initialize."""
         from stepaudio2_client import StepAudio2Client
 
+        served = self.served_models()
+        if served is not None and "pipeline" not in served:
+            return
         n = instance_count(self.cfg.runtime / "ensemble" / "pipeline" / "config.pbtxt")
         wav = _probe_wav()
         url = f"{self.cfg.host}:{self.cfg.grpc_port}"
