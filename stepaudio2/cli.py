@@ -79,10 +79,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
             raise InvalidInputError("--messages carries the whole conversation: drop --audio/--text")
         messages, generation, clips = load_messages_file(args.messages)
-        tools = _load_tools(args.tools)
-        if tools:  # as upstream's vLLM template places them: right after the system turn
-            at = 1 if messages and messages[0].get("role") == "system" else 0
-            messages.insert(at, {"role": "tool_json_schemas", "content": tools})
+        from stepaudio2_client.upstream_messages import with_tool_schemas
+
+        messages = with_tool_schemas(messages, _load_tools(args.tools))
         preset = "voice-chat" if generation == "speech" else "chat"  # sampling defaults of the matching preset
         request = GenerationRequest(task=None, messages=messages, generation=generation, audios=clips,
                                     sampling=sampling_from_args(args, preset), think=args.think)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stepaudio2.engines.sampling import SamplingParams
 from stepaudio2.pipeline import ReferencePipeline
 from stepaudio2.request import request_from_json
 
@@ -65,3 +66,39 @@ def test_indexed_audio_over_grpc(client, reference) -> None:
             "generation": "text", "sampling": SAMPLING}
     got = client.generate(wire, [A, B])
     assert got["token_ids"] == _reference_tokens(reference, wire, [A, B])
+
+
+def test_client_cli_takes_an_upstream_messages_file(server: ServerConfig, reference, tmp_path: Path, capsys) -> None:
+    """`stepaudio2-client --messages` sends upstream's conversation format (relative audio paths, a spoken
+    assistant turn as <tts_start> + speech tokens) and gets what the reference gives on the same file."""
+    import json
+
+    from stepaudio2.pipeline import GenerationRequest
+    from stepaudio2.upstream_messages import load_messages_file
+    from stepaudio2_client.cli import main as client_main
+
+    sp = reference.tokenizer.special
+    spoken = [*reference.tokenizer.encode("Hi"), sp.audio_0 + 5, sp.audio_0 + 6, sp.tts_end]
+    conversation = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "human", "content": [{"type": "audio", "audio": "a.wav"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "<tts_start>"}, {"type": "token", "token": spoken}]},
+        {"role": "human", "content": [{"type": "text", "text": "and now?"}, {"type": "audio", "audio": "b.wav"}]},
+        {"role": "assistant", "content": None},
+    ]
+    (tmp_path / "a.wav").write_bytes(A)
+    (tmp_path / "b.wav").write_bytes(B)
+    (tmp_path / "conv.json").write_text(json.dumps(conversation), encoding="utf-8")
+    code = client_main(["--url", f"127.0.0.1:{server.grpc_port}", "--messages", str(tmp_path / "conv.json"),
+                        "--temperature", "0", "--max-new-tokens", "4", "--speech-output", "none", "--json"])
+    assert code == 0
+    served = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    messages, generation, clips = load_messages_file(tmp_path / "conv.json")
+    expected = reference.generate(GenerationRequest(task=None, messages=messages, generation=generation, audios=clips,
+                                                    sampling=SamplingParams(temperature=0.0, max_new_tokens=4)))
+    assert served["generation"] == "text" and served["token_ids"] == expected.token_ids
+    assert [m["role"] for m in served["messages"]] == ["system", "human", "assistant", "human"]
+    # A file that is not upstream's format is refused by the client before anything is sent.
+    (tmp_path / "bad.json").write_text(json.dumps(conversation[:-1]), encoding="utf-8")
+    assert client_main(["--url", f"127.0.0.1:{server.grpc_port}", "--messages", str(tmp_path / "bad.json")]) == 2
+    assert "assistant opener" in capsys.readouterr().err

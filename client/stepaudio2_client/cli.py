@@ -10,6 +10,12 @@ from pathlib import Path
 from stepaudio2_client.client import ClientError, StepAudio2Client
 from stepaudio2_client.session import Session
 from stepaudio2_client.tools import ToolRegistry, WebSearchTool
+from stepaudio2_client.upstream_messages import (
+    MessagesError,
+    convert_messages,
+    read_messages_file,
+    with_tool_schemas,
+)
 
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
 
@@ -61,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="chat")
     p.add_argument("--audio", help="wav file to send")
     p.add_argument("--text", help="text of the human turn")
+    p.add_argument("--messages", help="a whole conversation in upstream's message format (JSON file; audio items "
+                   "name wav files relative to it; the last message is the assistant opener)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print the result object (as `stepaudio2 generate --json`)")
     p.add_argument("--speed", choices=["slow", "normal", "fast"])
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
     if sampling:
         request["sampling"] = sampling
-    audio = Path(args.audio).read_bytes() if args.audio else None
+    audio: bytes | list[bytes] | None = Path(args.audio).read_bytes() if args.audio else None
     tools = ToolRegistry()
     if args.tools == "web_search":
         if not args.search_results:
@@ -107,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         tool = WebSearchTool(FileSearchBackend(args.search_results))
         tools.register(tool.schema, tool)
+    if args.messages:
+        if args.audio or args.text:
+            print("error: --messages carries the whole conversation: drop --audio/--text", file=sys.stderr)
+            return 2
+        try:
+            conversation, base_dir = read_messages_file(args.messages)
+            messages, generation, audio = convert_messages(conversation, Path.read_bytes, base_dir)
+        except MessagesError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        del request["task"]  # the conversation is the prompt; its opener says text or speech
+        request.update(messages=with_tool_schemas(messages, tools.schemas()), generation=generation)
 
     import time
 

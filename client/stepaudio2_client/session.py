@@ -29,12 +29,15 @@ class Session:
         self.audio: list[bytes] = []
 
     def ask(
-        self, request: dict[str, Any], audio: bytes | None = None, on_event: Callable[[dict], None] | None = None
+        self, request: dict[str, Any], audio: bytes | list[bytes] | None = None,
+        on_event: Callable[[dict], None] | None = None,
     ) -> dict:
-        """First turn: a task request (tools from the registry are added). Runs tool rounds automatically."""
-        if self.tools.schemas() and "tools" not in request:
+        """First turn: a task request (tools from the registry are added), or a whole conversation (`messages`,
+        with every clip its audio items refer to in `audio`, in index order; its tools travel as its
+        tool_json_schemas turn). Runs tool rounds automatically."""
+        if self.tools.schemas() and "tools" not in request and "messages" not in request:
             request = {**request, "tools": self.tools.schemas()}
-        self.audio = [audio] if audio else []
+        self.audio = list(audio) if isinstance(audio, list) else ([audio] if audio else [])
         result = self._run(request, on_event)
         rounds = 0
         while result.get("tool_calls") and rounds < MAX_TOOL_ROUNDS:
