@@ -391,7 +391,8 @@ def test_kill_during_traffic_recovers(served: Served, asr_answer: list[int], vic
     assert recovered is not None, (f"not answering correctly {RECOVERY_S} s after kill -9 of {victim}; log:\n"
                                    + served.log.read_text(errors="replace")[-3000:])
     assert not any(w.is_alive() for w in workers), "a client request hung"
-    assert all(seconds < REQUEST_BOUND_S for _, seconds in outcomes), outcomes
+    assert all(seconds < REQUEST_BOUND_S for _, seconds in outcomes), \
+        [o for o in outcomes if o[1] >= REQUEST_BOUND_S]
     assert "WRONG" not in [kind for kind, _ in outcomes], outcomes
     if victim == "tritonserver":  # restarted: the dead server's regions are gone, the new server's in place
         assert not (Path("/dev/shm") / old_prefix).exists()

@@ -42,6 +42,7 @@ class ServerError(StepAudio2Error):
 
 SPEECH_STAGES = ("token2wav", "voice_prompt")
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
+STUB_TIMEOUT_S = 180
 SHM_GROWTH_BYTES = 16 * 1024 * 1024
 
 
@@ -164,7 +165,11 @@ def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[li
             # other threads of the stub use it crashed the server under concurrent speech streams (PCM chunks and
             # voice prompts are 100 kB+ each), so start large: tmpfs pages cost nothing until touched.
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            # A stub has this long to answer the server (initialize included). The default 30 s is less than
+            # vLLM's engine start when a reload meets a busy 2-core machine; the stub then counted as unhealthy
+            # and the whole reload failed.
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}"]
     if cfg.shm_prefix:
         args.append(f"--backend-config=python,shm-region-prefix-name={cfg.shm_prefix}")
     args += protection_args()

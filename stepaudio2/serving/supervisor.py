@@ -59,6 +59,9 @@ def instance_count(config: Path) -> int:
     return sum(counts) or 1
 
 
+STAGE_MODELS = ("audio_encoder", "llm", "voice_prompt", "token2wav")
+
+
 class Supervisor:
     def __init__(self, cfg: ServerConfig, state: HealthState | None = None, *, interval_s: float = 2.0,
                  probe_timeout_s: float = 10.0, failures_to_restart: int = 3, max_restarts: int = 5,
@@ -162,25 +165,30 @@ class Supervisor:
         return True
 
     def heal(self, reason: str, dead_models: list[str]) -> bool:
-        """Reload the dead models when that is enough, else restart the server; False once the budget is spent."""
+        """Reload the dead models when that is enough, else restart the server; False once the budget is spent.
+
+        Stages reload before the models that call them. Only the dead models reload: reloading vLLM costs most of
+        a minute on a small CPU. Where a dead pipeline instance left the LLM blocked on it (the check after the
+        reload fails), the LLM is reloaded next, and the server restarted only if that is not enough."""
         if not self._spend(reason):
             return False
         t0 = time.perf_counter()
         if dead_models:
-            # A dead pipeline instance can leave the LLM's sender thread blocked on it: reload the LLM first.
-            order = (["llm"] if "pipeline" in dead_models and "llm" not in dead_models else []) + dead_models
-            order = sorted(set(order), key=lambda m: (m not in ("llm", "token2wav", "voice_prompt",
-                                                                  "audio_encoder"), order.index(m)))
-            log.warning("reloading %s: %s", ", ".join(order), reason)
-            retiring = frozenset(p for p, n in self.stubs.items() if n.rsplit("_", 2)[0] in order)
-            if self.reload(order):
+            order = sorted(set(dead_models), key=lambda m: (m not in STAGE_MODELS, dead_models.index(m)))
+            escalation = [order] + ([["llm"]] if "pipeline" in order and "llm" not in order else [])
+            for models in escalation:
+                log.warning("reloading %s: %s", ", ".join(models), reason)
+                retiring = frozenset(p for p, n in self.stubs.items() if n.rsplit("_", 2)[0] in models)
+                if not self.reload(models):
+                    break
                 try:
                     self.after_start(retiring)
                     self.recoveries.append(time.perf_counter() - t0)
                     log.info("recovered by reload in %.1f s", self.recoveries[-1])
                     return True
                 except Exception as exc:
-                    log.error("still broken after reload: %s: %s", type(exc).__name__, exc)
+                    log.error("still broken after reloading %s: %s: %s", ", ".join(models), type(exc).__name__, exc)
+                    reason = f"{reason}; then {exc}"
         return self.restart(reason, spent=True, t0=t0)
 
     def _spend(self, reason: str) -> bool:

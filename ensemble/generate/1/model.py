@@ -26,6 +26,10 @@ from stepaudio2.text import StepAudio2Tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # The audio front end's scipy.signal import takes about 1 s: pay it here, not on the first request (after
+        # a start or reload that request was that much slower; here it overlaps the LLM engine's start).
+        import stepaudio2.audio  # noqa: F401
+
         params = ModelParameters.from_args(args)
         self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).

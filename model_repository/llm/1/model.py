@@ -65,6 +65,7 @@ class TritonPythonModel:
             dtype=params.choice("dtype", ("float32", "bfloat16", "float16")),
             enforce_eager=params.flag("enforce_eager"),
             enable_prefix_caching=params.flag("enable_prefix_caching"),
+            executor=params.choice("executor", ("uni", "mp")),
             python_executable=params.text("python_executable"),
         )
         self.config = load_config(version_dir)
