@@ -40,8 +40,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        # The audio front end's scipy.signal import takes about 1 s: pay it here, not on the first request (after
-        # a start or reload that request was that much slower; here it overlaps the LLM engine's start).
+        # The audio front end's imports (soundfile, tables): paid here, not by the first request.
         import stepaudio2.audio  # noqa: F401
 
         params = ModelParameters.from_args(args)
