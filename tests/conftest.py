@@ -209,3 +209,19 @@ def taught_export(taught_checkpoint: Path) -> Path:
     with _FileLock(taught_checkpoint.parent / f"{folder.name}.lock"):  # concurrent sessions export once
         export_checkpoint(taught_checkpoint, folder)  # no-op when up to date
     return folder
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found

@@ -27,7 +27,7 @@ from stepaudio2.engines.sampling import SamplingParams
 from stepaudio2.pipeline import GenerationRequest, ReferencePipeline, load_audio_input
 from stepaudio2.serving import shm
 
-from .conftest import ASSETS, REPO, SPAWNED_LAUNCHERS, free_port
+from .conftest import ASSETS, REPO, SPAWNED_LAUNCHERS, free_port, processes_mentioning
 
 pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -409,6 +409,12 @@ def test_kill_during_traffic_recovers(served: Served, asr_answer: list[int], vic
 def test_sigterm_of_serve_removes_its_shared_memory(served: Served) -> None:
     prefix = shm.process_prefix(served.proc.pid)
     assert shm.regions(prefix)
+    assert processes_mentioning(str(served.runtime)), "no tritonserver running from the runtime folder"
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(60) == 0
     assert shm.regions(prefix) == []
+    # Stopped cleanly (README): tritonserver and every stub gone, `stopped` printed last, no crash in the log.
+    assert processes_mentioning(str(served.runtime)) == []
+    assert served.log.read_text(errors="replace").strip().splitlines()[-1] == "stopped"
+    triton_log = (served.runtime / "tritonserver.log").read_text(errors="replace")
+    assert "Segmentation fault" not in triton_log and "core dumped" not in triton_log, triton_log[-2000:]

@@ -175,7 +175,10 @@ def test_session_turn_two_on_another_replica_continues_the_conversation(cluster,
     want2 = reference.generate(request_from_json({"messages": convo, "generation": first["generation"],
                                              "sampling": SAMPLING}, HELLO.read_bytes()))
     assert second["token_ids"] == want2.token_ids
-    convo3 = [*convo, second["assistant_turn"], {"role": "human", "content": "go on"}]
+    # The held history is the conversation (a held session numbers its audio item: index 0, the same clip).
+    assert [(m["role"], _text(m["content"])) for m in second["messages"]] == \
+        [(m["role"], _text(m["content"])) for m in convo]
+    convo3 = [*second["messages"], second["assistant_turn"], {"role": "human", "content": "go on"}]
     assert third["messages"] == convo3
     want3 = reference.generate(request_from_json({"messages": convo3, "generation": first["generation"],
                                              "sampling": SAMPLING}, HELLO.read_bytes()))

@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.audio import decode_audio
-from stepaudio2.errors import InvalidInputError
+from stepaudio2.errors import AudioError, InvalidInputError
 from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
@@ -49,7 +49,10 @@ class TritonPythonModel:
             if not data:
                 raise InvalidInputError("voice prompt audio is empty")
             # Duration first (a cheap decode), so an over-long prompt is refused before the expensive encoding.
-            samples, sr = decode_audio(data, mono="first")
+            try:
+                samples, sr = decode_audio(data, mono="first")
+            except AudioError as exc:
+                raise AudioError(f"voice prompt: {exc}") from None  # which input could not be read
             seconds = samples.shape[0] / sr
             if seconds > self.max_seconds:
                 raise InvalidInputError(f"voice prompt is {seconds:.1f} s long, over the limit "
