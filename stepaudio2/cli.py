@@ -171,13 +171,15 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from stepaudio2.serving.gateway_process import start_gateway
-    from stepaudio2.serving.launcher import ServerConfig, check_config, serve_forever
+    from stepaudio2.serving.launcher import ServerConfig, check_config
     from stepaudio2.serving.model_config import parse_setting
+    from stepaudio2.serving.supervisor import serve_supervised
 
     settings: dict[str, dict[str, str]] = {}
     for text in args.settings:
         model, key, value = parse_setting(text)
         settings.setdefault(model, {})[key] = value
+    topology_args = _apply_topology(settings, args)  # --models/--remote/--session-store: refused early too
     probe = ServerConfig(checkpoint=Path(), runtime=Path(args.runtime), model_parameters=settings)
     check_config(probe)  # unknown models/keys fail here, before the checkpoint is built or anything starts
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
@@ -189,14 +191,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         checkpoint=checkpoint, runtime=Path(args.runtime), grpc_port=args.grpc_port, http_port=args.http_port,
         metrics_port=args.metrics_port, host=args.host,
         tritonserver=Path(args.tritonserver) if args.tritonserver else None, engine=args.engine,
-        extra_args=list(args.triton_args), model_parameters=settings,
+        extra_args=[*topology_args, *args.triton_args, *(f"--trace-config={t}" for t in args.trace)],
+        model_parameters=settings,
     )
-    gateway = None if args.no_gateway else start_gateway(cfg, args.gateway_port)  # OpenAI-compatible HTTP door
+    # The OpenAI-compatible HTTP door, where this server runs the pipeline it talks to (not on the stage pools).
+    # It lives across the supervisor's in-place Triton restarts: it only needs the gRPC port.
+    serves_pipeline = not args.models or "pipeline" in [m.strip() for m in args.models.split(",")]
+    gateway = None if args.no_gateway or not serves_pipeline else start_gateway(cfg, args.gateway_port)
     try:
-        return serve_forever(cfg)
+        return serve_supervised(cfg, args.health_port, max_restarts=args.max_restarts)
     finally:
         if gateway is not None:
             gateway.stop()
+
+
+def _apply_topology(settings: dict[str, dict[str, str]], args: argparse.Namespace) -> list[str]:
+    """Scale-out options (--models, --remote, --session-store) -> model parameters (merged into `settings`,
+    where `--set` values win) + the tritonserver arguments they need."""
+    from stepaudio2.serving.topology import parse_models, parse_remotes, topology
+
+    params, extra = topology(parse_models(args.models), parse_remotes(args.remote), args.session_store)
+    for model, values in params.items():
+        settings[model] = {**values, **settings.get(model, {})}
+    return extra
 
 
 def _load_tools(spec: str | None) -> list[dict] | None:
@@ -265,11 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="onnx-cpu", choices=["onnx-cpu", "onnx-cuda", "tensorrt"])
     p.add_argument("--triton-arg", dest="triton_args", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument, repeatable (e.g. --triton-arg=--log-verbose=1)")
+    p.add_argument("--health-port", type=int, default=8003,
+                   help="end-to-end health endpoint (/health/live, /health/ready) for the probes")
+    p.add_argument("--max-restarts", type=int, default=5, help="in-place restarts within 10 min before giving up")
+    p.add_argument("--trace", action="append", default=[], metavar="SETTING",
+                   help="Triton trace setting, repeatable, passed as --trace-config (e.g. --trace mode=opentelemetry "
+                        "--trace opentelemetry,url=http://collector:4318/v1/traces --trace rate=100 "
+                        "--trace level=TIMESTAMPS)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="set a config.pbtxt parameter of a model, repeatable (e.g. --set token2wav.batching=false);"
                         " see README 'Model parameters'")
     p.add_argument("--gateway-port", type=int, default=8080, help="OpenAI-compatible HTTP gateway port")
     p.add_argument("--no-gateway", action="store_true", help="do not start the HTTP gateway")
+    # Scale-out (README "Scaling"): which models this server runs, where the pipeline reaches the others.
+    p.add_argument("--models", help="serve only these models, comma-separated (default: all)")
+    p.add_argument("--remote", action="append", default=[], metavar="STAGE=HOST:PORT",
+                   help="reach this stage (audio_encoder, llm, voice_prompt, token2wav) over gRPC there; repeatable")
+    p.add_argument("--session-store", dest="session_store", metavar="URL",
+                   help="sessions and voices: 'embedded' (default, files in --runtime) or redis://[:PASSWORD@]HOST:PORT/DB")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build-engines", help="build TensorRT plans from the exported ONNX graphs (GPU only)")

@@ -28,3 +28,10 @@ class CheckpointError(StepAudio2Error):
 
 class QueueFullError(StepAudio2Error):
     """The server is at capacity (every sequence slot and the waiting room in use); maps to gRPC UNAVAILABLE."""
+
+
+class UnavailableError(StepAudio2Error):
+    """Something the request needs is down or busy (the session store, a stage at a remote address).
+
+    The server maps this to gRPC UNAVAILABLE (retry later or elsewhere).
+    """

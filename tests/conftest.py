@@ -144,6 +144,23 @@ def tok(tmp_path_factory: pytest.TempPathFactory):
     return StepAudio2Tokenizer.from_dir(d)
 
 
+# pids of `stepaudio2 serve` processes tests started: their shared-memory regions are this session's too.
+SPAWNED_LAUNCHERS: set[int] = set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_shm_left_as_found():
+    """The suite leaves /dev/shm as it found it: after every other session fixture (servers included) is torn
+    down, no Python-backend region of a server this session started is left. Only our own regions are counted
+    (by the launcher pid in their name), so servers of other programs on the machine cannot fail this."""
+    from stepaudio2.serving import shm
+
+    yield
+    owners = {os.getpid(), *SPAWNED_LAUNCHERS}
+    left = [p.name for pid in owners for p in shm.regions(shm.process_prefix(pid))]
+    assert not left, f"shared-memory regions left in /dev/shm: {left[:5]} ({len(left)} in all)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -192,3 +209,19 @@ def taught_export(taught_checkpoint: Path) -> Path:
     with _FileLock(taught_checkpoint.parent / f"{folder.name}.lock"):  # concurrent sessions export once
         export_checkpoint(taught_checkpoint, folder)  # no-op when up to date
     return folder
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found

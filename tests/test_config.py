@@ -235,7 +235,7 @@ def test_set_reaches_every_kind_of_parameter_on_a_live_server(set_server) -> Non
         with pytest.raises(ClientError) as err:
             client.generate({"task": "voice-chat", "sampling": {"max_new_tokens": 30}},
                             (ASSETS / "hello_en.wav").read_bytes(), voice=_tone_wav(2.0))
-    assert err.value.status == "INVALID_ARGUMENT" and "more than 1.5 s" in err.value.message, err.value
+    assert err.value.status == "INVALID_ARGUMENT" and "over the limit max_prompt_seconds=1.5" in err.value.message, err.value
 
 
 def _tone_wav(seconds: float, rate: int = 16000) -> bytes:

@@ -53,7 +53,7 @@ def readme_metrics() -> set[str]:
     para = text[text.index("Custom metrics on Triton's `/metrics`"):]
     para = para[: para.index("\n\n")]
     names: set[str] = set()
-    for name, rest in re.findall(r"`(stepaudio2_\w+|vllm:\w+)(?:\{\w+\})?`(\s+\(histogram\))?", para):
+    for name, rest in re.findall(r"`(stepaudio2_\w+|vllm:\w+)(?:\{\w+\})?`(\s+\(histogram[):])?", para):
         names.add(name)
         if rest:
             names.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
@@ -166,10 +166,12 @@ def test_deployment_essentials(rendered, vf):
     assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
     for name, spec in _pod_specs([d for d in docs if not _is_gateway(d)]):
         triton = spec["containers"][0]
-        assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-        assert {p["name"] for p in triton["ports"]} == {"grpc", "http", "metrics"}
+        # probes use serve's end-to-end health, not Triton's process-level /v2/health
+        assert triton["startupProbe"]["httpGet"] == {"path": "/health/ready", "port": "health"}
+        assert triton["readinessProbe"]["httpGet"] == {"path": "/health/ready", "port": "health"}
+        assert triton["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "health"}
+        assert {p["name"] for p in triton["ports"]} == {"grpc", "http", "metrics", "health"}
+        assert f"--health-port={values.get('serve', {}).get('healthPort', 8003)}" in triton["args"]
         shm = [v for v in spec["volumes"] if v["name"] == "dshm"]
         assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
         gpus = triton["resources"]["limits"].get("nvidia.com/gpu", 0)
@@ -178,15 +180,26 @@ def test_deployment_essentials(rendered, vf):
             assert spec["nodeSelector"]["nvidia.com/gpu.product"]
             init = {c["name"]: c for c in spec.get("initContainers", [])}
             assert init["build-engines"]["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    # clients reach Triton's gRPC (and monitoring the metrics); its HTTP operator API is not exposed (the
+    # gateway's own Service, checked with the gateway, is the HTTP door)
+    for svc in (d for d in docs if d["kind"] == "Service" and not _is_gateway(d)):
+        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
     if vf == "values-split.yaml":
         args = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"]
                 for d in docs if d["kind"] == "Deployment" and not _is_gateway(d)}
-        assert set(args) == {"sa2-stepaudio2-llm", "sa2-stepaudio2-token2wav"}
+        assert set(args) == {"sa2-stepaudio2-front", "sa2-stepaudio2-llm", "sa2-stepaudio2-token2wav"}
+        assert "--triton-arg=--load-model=pipeline" in args["sa2-stepaudio2-front"]
         assert "--triton-arg=--load-model=llm" in args["sa2-stepaudio2-llm"]
         assert "--triton-arg=--load-model=token2wav" in args["sa2-stepaudio2-token2wav"]
+        for name in ("sa2-stepaudio2-llm", "sa2-stepaudio2-token2wav"):
+            assert "--triton-arg=--load-model=pipeline" not in args[name]
         assert "--triton-arg=--load-model=llm" not in args["sa2-stepaudio2-token2wav"]
         for a in args.values():
             assert "--triton-arg=--model-control-mode=explicit" in a
+        # the front reaches each stage at its pool's Service
+        assert {a for a in args["sa2-stepaudio2-front"] if a.startswith("--remote=")} == {
+            "--remote=llm=sa2-stepaudio2-llm:8001", "--remote=token2wav=sa2-stepaudio2-token2wav:8001",
+            "--remote=voice_prompt=sa2-stepaudio2-token2wav:8001"}
 
 
 def test_headless_service_option():
@@ -369,6 +382,103 @@ def test_split_stages_scale_on_different_metrics():
     assert by_name["sa2-stepaudio2-llm"]["metric"]["name"] == "triton_queue_compute_ratio"
     assert by_name["sa2-stepaudio2-token2wav"]["metric"]["name"] == "stepaudio2_ttfa_p95_seconds"
     assert by_name["sa2-stepaudio2-token2wav"]["target"]["averageValue"] == "800m"
+
+
+def test_split_values_scale_each_pool_on_its_own_signal(rendered):
+    hpas = {d["metadata"]["name"]: d["spec"]["metrics"][0]["pods"]["metric"]["name"]
+            for d in rendered["values-split.yaml"][1] if d["kind"] == "HorizontalPodAutoscaler" and not _is_gateway(d)}
+    assert hpas == {"sa2-stepaudio2-front": "stepaudio2_ttfa_p95_seconds",
+                    "sa2-stepaudio2-llm": "stepaudio2_llm_load_ratio",
+                    "sa2-stepaudio2-token2wav": "stepaudio2_token2wav_busy_ratio"}
+    assert set(hpas.values()) <= _adapter_names()
+
+
+def _component_selector(selector: dict) -> tuple[set[str] | None, set[str]]:
+    """(components a pod selector admits or None for any, components it excludes), release labels checked."""
+    labels = selector.get("matchLabels", {})
+    assert labels.get("app.kubernetes.io/instance") == "sa2", selector
+    admitted, excluded = None, set()
+    if "app.kubernetes.io/component" in labels:
+        admitted = {labels["app.kubernetes.io/component"]}
+    for expr in selector.get("matchExpressions", []):
+        assert expr["key"] == "app.kubernetes.io/component", expr
+        if expr["operator"] == "In":
+            admitted = set(expr["values"]) if admitted is None else admitted & set(expr["values"])
+        elif expr["operator"] == "NotIn":
+            excluded |= set(expr["values"])
+        else:
+            raise AssertionError(expr)
+    return admitted, excluded
+
+
+def _who_may_call(docs: list[dict], component: str, port: str) -> list[dict]:
+    """Every `from` peer of every NetworkPolicy selecting pods of `component` on `port`."""
+    peers = []
+    for d in docs:
+        if d["kind"] != "NetworkPolicy":
+            continue
+        admitted, excluded = _component_selector(d["spec"]["podSelector"])
+        if component in excluded or (admitted is not None and component not in admitted):
+            continue
+        assert d["spec"]["policyTypes"] == ["Ingress"]
+        for rule in d["spec"]["ingress"]:
+            if any(p["port"] == port for p in rule["ports"]):
+                peers += rule["from"]
+    return peers
+
+
+def test_split_network_policies_let_only_the_front_into_the_pools(rendered):
+    docs = rendered["values-split.yaml"][1]
+    for pool in ("llm", "token2wav"):
+        peers = _who_may_call(docs, pool, "grpc")
+        assert len(peers) == 1 and set(peers[0]) == {"podSelector"}, peers
+        assert _component_selector(peers[0]["podSelector"])[0] == {"front"}
+        assert _who_may_call(docs, pool, "http") == []
+        assert all(set(p) == {"namespaceSelector"} for p in _who_may_call(docs, pool, "metrics"))
+    # clients reach the front through the HTTP gateway (on by default): only its pods get into Triton's ports
+    (peer,) = _who_may_call(docs, "front", "grpc")
+    assert set(peer) == {"podSelector"} and _component_selector(peer["podSelector"])[0] == {"gateway"}
+
+
+def test_split_session_store_url_comes_from_the_secret(rendered):
+    docs = rendered["values-split.yaml"][1]
+    env = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["env"]
+           for d in docs if d["kind"] == "Deployment"}
+    (store,) = [e for e in env["sa2-stepaudio2-front"] if e["name"] == "STEPAUDIO2_SESSION_STORE"]
+    assert store == {"name": "STEPAUDIO2_SESSION_STORE",
+                     "valueFrom": {"secretKeyRef": {"name": "stepaudio2-redis", "key": "url"}}}
+    for pool in ("sa2-stepaudio2-llm", "sa2-stepaudio2-token2wav"):
+        assert all(e["name"] != "STEPAUDIO2_SESSION_STORE" for e in env[pool])
+    assert not any(d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-redis") for d in docs)
+
+
+def test_chart_deploys_a_restricted_redis_reachable_from_the_front_only(tmp_path):
+    values = load_values("values-split.yaml")
+    values["sessionStore"] = {"type": "redis", "redis": {"deploy": True, "existingSecret": ""}}
+    docs = render(values)
+    (redis,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "sa2-stepaudio2-redis"]
+    spec = redis["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    sc = spec["containers"][0]["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["capabilities"]["drop"] == ["ALL"]
+    front = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "sa2-stepaudio2-front"]
+    env = {e["name"]: e for e in front[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["STEPAUDIO2_SESSION_STORE"]["value"] == "redis://sa2-stepaudio2-redis:6379/0"
+    peers = _who_may_call(docs, "redis", "redis")
+    assert len(peers) == 1 and _component_selector(peers[0]["podSelector"])[0] == {"front"}
+    out = tmp_path / "redis.yaml"
+    out.write_text(yaml.safe_dump_all(docs), encoding="utf-8")
+    proc = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_redis_session_store_needs_a_url():
+    values = load_values("values-split.yaml")
+    values["sessionStore"] = {"type": "redis", "redis": {"existingSecret": ""}}
+    with pytest.raises(Exception) as err:
+        render(values)
+    assert "sessionStore" in str(err.value)
 
 
 def test_hpa_rejects_a_metric_the_adapter_does_not_serve():

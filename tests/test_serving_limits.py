@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import ASSETS, SERVE_EXTRA, free_port, require_module
+from .conftest import ASSETS, SERVE_EXTRA, free_port, processes_mentioning, require_module
 
 require_module("pytriton", SERVE_EXTRA)
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -201,23 +201,8 @@ def test_batching_off_on_a_live_server_runs_one_stream_per_estimator_call(small,
 # ---- `stepaudio2 serve` and signals --------------------------------------------------------------------------
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains `text`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+# SIGTERM: the same checks on the supervised server at the end of tests/test_reliability_serving.py.
+@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
 def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint: Path, tmp_path: Path, sig: signal.Signals) -> None:
     """`stepaudio2 serve` (text-only checkpoint: quicker to start) answers, then on the signal stops tritonserver
     and every backend stub, prints `stopped` and exits 0."""
@@ -225,7 +210,7 @@ def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint: Path, tmp_path: Path, 
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", str(tiny_checkpoint),
            "--runtime", str(runtime), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-           "--metrics-port", str(metrics_port)]
+           "--metrics-port", str(metrics_port), "--health-port", str(free_port()), "--no-gateway"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -237,7 +222,7 @@ def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint: Path, tmp_path: Path, 
         assert lines and lines[-1].startswith("ready:"), "".join(lines)
         with StepAudio2Client(f"127.0.0.1:{grpc_port}") as c:
             assert c.generate({"task": "chat", "text": "hi", "sampling": {"max_new_tokens": 2}})["token_ids"]
-        assert _processes_mentioning(str(runtime)), "no tritonserver running from the runtime folder"
+        assert processes_mentioning(str(runtime)), "no tritonserver running from the runtime folder"
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -246,7 +231,7 @@ def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint: Path, tmp_path: Path, 
             proc.wait(10)
     assert proc.returncode == 0, "".join(lines) + out
     assert out.strip().splitlines()[-1] == "stopped", out
-    assert _processes_mentioning(str(runtime)) == []  # tritonserver and its Python stubs are gone
+    assert processes_mentioning(str(runtime)) == []  # tritonserver and its Python stubs are gone
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=2)
     log = (runtime / "tritonserver.log").read_text(errors="replace")

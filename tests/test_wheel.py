@@ -142,7 +142,8 @@ def test_the_wheel_serves_asr_equal_to_the_reference(fresh: dict, taught_checkpo
 
     env, work, bin_ = fresh["env"], fresh["work"], fresh["venv"] / "bin"
     shutil.copytree(taught_checkpoint, work / "ckpt")
-    runtime, ports = work / "runtime", {"grpc": free_port(), "http": free_port(), "metrics": free_port()}
+    runtime, ports = work / "runtime", {"grpc": free_port(), "http": free_port(), "metrics": free_port(),
+                                        "health": free_port(), "gateway": free_port()}
     shutil.copytree(taught_export, runtime / "model_repository")  # the launcher's hash check finds it up to date
     log = (work / "serve.log").open("w")
     serve = subprocess.Popen(

@@ -13,7 +13,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from stepaudio2.audio.io import check_sample_rate
 from stepaudio2.errors import AudioError
@@ -74,5 +73,8 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     taps = 2 * math.ceil(_ZERO_CROSSINGS * orig / (min(orig, new) * _ROLLOFF)) + orig
     if taps * new <= _MAX_TABLE:
         return np.ascontiguousarray(_sinc_resample(arr, orig, new), dtype=np.float32)
+    # Imported here: scipy.signal takes about 1 s to import, and few rates come this way.
+    from scipy.signal import resample_poly
+
     out = resample_poly(arr.astype(np.float64), new, orig)
     return np.ascontiguousarray(out, dtype=np.float32)

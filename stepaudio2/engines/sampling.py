@@ -66,7 +66,13 @@ class SamplingParams:
             raise InvalidInputError(f"unknown sampling parameter(s): {', '.join(unknown)}")
         clean = {k: v for k, v in values.items() if v is not None or k == "seed"}
         if "stop_ids" in clean:
-            clean["stop_ids"] = tuple(int(i) for i in clean["stop_ids"])
+            ids = clean["stop_ids"]
+            # A string, a dict or a float would otherwise reach int() and fail as INTERNAL.
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < 2**31 for i in ids
+            ):
+                raise InvalidInputError("sampling parameter 'stop_ids' must be a list of token ids (integers >= 0)")
+            clean["stop_ids"] = tuple(int(i) for i in ids)
         return cls(**clean)
 
     def to_dict(self) -> dict:

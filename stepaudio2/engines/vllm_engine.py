@@ -34,6 +34,7 @@ class EngineSettings:
     dtype: str = "float32"
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
+    executor: str = "uni"  # "uni": the model runs in the engine-core process; "mp": in a worker process of its own
     python_executable: str = ""  # written by the launcher: vLLM spawns its engine-core process with it
 
 
@@ -93,6 +94,10 @@ async def make_engine(model_dir: Path, settings: EngineSettings, stat_logger_fac
         multiprocessing.set_executable(settings.python_executable)
     # vLLM's CPU backend reads the KV space only from its environment; set it from the config parameter.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+    if settings.executor == "uni":
+        # vLLM's CPU platform turns a "uni" executor into "mp" (a worker process besides the engine core) unless
+        # this is off; AsyncLLM still runs its engine core in a process of its own either way.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -106,6 +111,7 @@ async def make_engine(model_dir: Path, settings: EngineSettings, stat_logger_fac
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enforce_eager=settings.enforce_eager,
         enable_prefix_caching=settings.enable_prefix_caching,
+        distributed_executor_backend=settings.executor,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         disable_log_stats=False,
     )

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import stepaudio2
 from stepaudio2.errors import StepAudio2Error
-from stepaudio2.serving import model_config
+from stepaudio2.serving import model_config, shm
+from stepaudio2.serving.protection import protection_args, write_admin_key
 
 # Where the installed `stepaudio2` package lives (site-packages for a wheel, the source root for an editable
 # install): the Python backend stubs import the model code's dependencies from there.
@@ -41,6 +42,7 @@ class ServerError(StepAudio2Error):
 
 SPEECH_STAGES = ("token2wav", "voice_prompt")
 SHM_DEFAULT_BYTES = 64 * 1024 * 1024
+STUB_TIMEOUT_S = 180
 SHM_GROWTH_BYTES = 16 * 1024 * 1024
 
 
@@ -59,6 +61,8 @@ class ServerConfig:
     # (`serve --set MODEL.KEY=VALUE`; e.g. {"token2wav": {"batching": "false"}} for the benchmark's baseline).
     # Only parameters the model's config.pbtxt declares can be set; they win over `engine`.
     model_parameters: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Python-backend shared-memory region prefix; set per start (stepaudio2.serving.shm) so exits remove ours only.
+    shm_prefix: str = ""
 
 
 def model_configs() -> dict[str, Path]:
@@ -161,11 +165,25 @@ def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[li
             # other threads of the stub use it crashed the server under concurrent speech streams (PCM chunks and
             # voice prompts are 100 kB+ each), so start large: tmpfs pages cost nothing until touched.
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
-            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}"]
+            f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
+            # A stub has this long to answer the server (initialize included). The default 30 s is less than
+            # vLLM's engine start when a reload meets a busy 2-core machine; the stub then counted as unhealthy
+            # and the whole reload failed.
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}"]
+    if cfg.shm_prefix:
+        args.append(f"--backend-config=python,shm-region-prefix-name={cfg.shm_prefix}")
+    args += protection_args()
     if cfg.engine == "onnx-cpu":  # no GPU to watch; the CPU build would log errors trying
         args.append("--allow-gpu-metrics=false")
     args += cfg.extra_args
     return args, env
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class TritonProcess:
@@ -177,6 +195,9 @@ class TritonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 300.0) -> None:
+        shm.remove_stale()  # leftovers of launchers that died without cleaning up
+        self.cfg.shm_prefix = shm.new_prefix()
+        write_admin_key(self.cfg.runtime)
         stages, pipelines = prepare_runtime(self.cfg)
         cmd, env = server_command(self.cfg, stages, pipelines)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +251,11 @@ class TritonProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.proc is not None:
+            _kill_group(self.proc.pid)  # stubs that outlived their server would keep their regions mapped
         self.proc = None
+        if self.cfg.shm_prefix:
+            shm.remove_regions(self.cfg.shm_prefix)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None

@@ -16,7 +16,7 @@ from stepaudio2.pipeline import GenerationResult, run_pipeline
 from stepaudio2.request import request_from_json
 from stepaudio2.serving.bls import BlsStages
 from stepaudio2.serving.events import EventCoalescer, event_dict
-from stepaudio2.serving.sessions import NEW, SessionStore
+from stepaudio2.serving.sessions import SessionStore
 from stepaudio2.serving.speech_route import SpeechOptions, SpeechRoute
 from stepaudio2.text import AudioCodes, ToolCallEvent, get_task
 
@@ -47,13 +47,36 @@ def serve_request(
     obj.setdefault("speech_output", speech_default)
     options = SpeechOptions.pop_from(obj)
     session_id = obj.pop("session_id", None)
+    lease = None
     if session_id is not None:
         if not isinstance(session_id, str) or not session_id:
             raise InvalidInputError("request field 'session_id' must be \"new\" or an id from an earlier result")
         if sessions is None:
             raise InvalidInputError("this server does not hold sessions")
-        if session_id != NEW:
-            obj, audio = sessions.continue_request(session_id, obj, audio)
+        lease = sessions.begin(session_id)  # held until the reply is stored: one request per session at a time
+    try:
+        if lease is not None:
+            obj, audio = sessions.continue_request(lease, obj, audio)
+            if options.voice_id is None and voice_audio is None:  # keep speaking in the session's voice
+                options.voice_id = lease.state.get("voice_id")
+        payload = _serve(tokenizer, stages, obj, audio, voice_audio, emit, options, is_cancelled, arrived,
+                         on_tool_call, on_audio_done)
+        if session_id is not None:
+            spoken = payload.get("audio") or {}
+            voice_id = options.voice_id or (spoken.get("voice_id") if voice_audio else None)
+            payload["session_id"] = sessions.save(
+                lease, [*payload["messages"], payload["assistant_turn"]], payload["generation"], audio, voice_id
+            )
+    finally:
+        if sessions is not None:
+            sessions.end(lease)
+    emit(payload, None)
+    return payload
+
+
+def _serve(tokenizer, stages, obj, audio, voice_audio, emit, options, is_cancelled, arrived, on_tool_call,
+           on_audio_done) -> dict[str, Any]:
+    """The reply itself (every event but the result, which is returned)."""
     req = request_from_json(obj, audio)
     if voice_audio is not None and not voice_audio:
         raise InvalidInputError("voice prompt audio is empty")
@@ -84,10 +107,5 @@ def serve_request(
         raise
     if audio_summary is not None and on_audio_done is not None:
         on_audio_done(speech)
-    payload = {"type": "result", **result.to_json(), "audio": audio_summary}
-    if session_id is not None:
-        payload["session_id"] = sessions.save(
-            session_id, [*payload["messages"], payload["assistant_turn"]], result.generation, audio
-        )
-    emit(payload, None)
-    return payload
+    return {"type": "result", **result.to_json(), "audio": audio_summary}
+

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from typing import Any
 
 import numpy as np
 
-from stepaudio2.errors import CapacityError, InvalidInputError, QueueFullError
+from stepaudio2.errors import CapacityError, InvalidInputError, QueueFullError, UnavailableError
 
 
 def triton_error(pb_utils: Any, exc: BaseException):
@@ -18,7 +20,7 @@ def triton_error(pb_utils: Any, exc: BaseException):
     """
     if isinstance(exc, InvalidInputError):
         code, name, text = pb_utils.TritonError.INVALID_ARG, "INVALID_ARGUMENT", str(exc)
-    elif isinstance(exc, (QueueFullError, CapacityError)):
+    elif isinstance(exc, (QueueFullError, CapacityError, UnavailableError)):
         code, name, text = pb_utils.TritonError.UNAVAILABLE, "UNAVAILABLE", str(exc)
     else:
         code, name, text = pb_utils.TritonError.INTERNAL, "INTERNAL", f"{type(exc).__name__}: {exc}"
@@ -74,3 +76,30 @@ def json_value(array: np.ndarray | None, name: str) -> Any:
 def bytes_tensor(pb_utils: Any, name: str, value: str | bytes):
     data = value.encode("utf-8") if isinstance(value, str) else value
     return pb_utils.Tensor(name, np.array([data], dtype=np.object_))
+
+
+def log_failure(pb_utils: Any, stage: str, request: Any, exc: BaseException, started: float | None = None) -> None:
+    """One line per failed request: request id, stage, error class, duration. Input errors are INFO (the
+    client's fault), everything else ERROR. Written with `logging` to the stub's stderr, which Triton's log
+    receives: pb_utils.Logger from many stubs at once hung or aborted this Triton's Python backend (lock
+    exceptions in its shared-memory message queue), so it is not used here. `pb_utils` is kept for when it is."""
+    import time
+
+    try:
+        request_id = request.request_id() or "-"
+    except Exception:  # a request object that cannot say its id must not hide the failure
+        request_id = "-"
+    took = "" if started is None else f" after {time.perf_counter() - started:.3f} s"
+    line = f"request {request_id} failed in {stage}{took}: {type(exc).__name__}: {str(exc)[:300]}"
+    _failure_logger().log(logging.INFO if isinstance(exc, InvalidInputError) else logging.ERROR, line)
+
+
+def _failure_logger() -> logging.Logger:
+    logger = logging.getLogger("stepaudio2.requests")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger

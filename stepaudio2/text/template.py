@@ -39,7 +39,8 @@ class PromptIds:
     audio_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
-# A segment is ("text", str), ("audio", patch count) or ("ids", list of ids).
+# A segment is ("text", str), ("plain", str: user text, control tokens stay text), ("audio", patch count) or
+# ("ids", list of ids).
 _Segment = tuple[str, Any]
 
 
@@ -122,7 +123,12 @@ def _segments(messages: list[dict], generation: Generation | None, think: bool =
                 f"{where}: unknown role {raw_role!r} (choose from {', '.join(ROLE_ALIASES)})"
             )
         segs.append(("text", f"{T.BOT}{role}\n"))
-        segs += _content_segments(role, msg.get("content"), f"{where} ({raw_role})")
+        content = _content_segments(role, msg.get("content"), f"{where} ({raw_role})")
+        if role != "assistant":
+            # Text from users, tools and schemas is plain: "<|EOT|>" typed by a user must not end the turn.
+            # Assistant turns are replies replayed from our own history (they carry <tts_start> and tool calls).
+            content = [("plain", v) if k == "text" else (k, v) for k, v in content]
+        segs += content
         if msg.get("tool_calls"):
             if role != "assistant":
                 raise InvalidInputError(f"{where}: only assistant messages carry tool_calls")
@@ -155,7 +161,7 @@ def render_prompt(
     """The prompt as one string. token_ids items are decoded, which needs `tokenizer`."""
     parts: list[str] = []
     for kind, value in _segments(messages, generation, think):
-        if kind == "text":
+        if kind in ("text", "plain"):
             parts.append(value)
         elif kind == "audio":
             parts.append(_audio_block(value))
@@ -176,6 +182,8 @@ def encode_prompt(
     for kind, value in _segments(messages, generation, think):
         if kind == "text":
             ids += tokenizer.encode(value)
+        elif kind == "plain":
+            ids += tokenizer.encode_plain(value)
         elif kind == "audio":
             ids.append(sp.audio_start)
             spans.append((len(ids), value))

@@ -266,10 +266,24 @@ class StepAudio2Tokenizer:
             out.append(text[start:])
         return out
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; added tokens written inside it become single ids. No BOS/EOS is added."""
+    @staticmethod
+    def _check_text(text: object) -> None:
         if not isinstance(text, str):
             raise InvalidInputError(f"can only tokenise a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800") would fail deep in the BPE
+            raise InvalidInputError(f"text is not valid Unicode at position {exc.start} (lone surrogate)") from None
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with every added token written inside it treated as plain text, never as a
+        control id. For user and tool text: only the prompt builder may emit control tokens."""
+        self._check_text(text)
+        return list(self._bpe.encode(text, add_special_tokens=False).ids) if text else []
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; added tokens written inside it become single ids. No BOS/EOS is added."""
+        self._check_text(text)
         pieces = self._split_added(text)
         texts = [p for p in pieces if isinstance(p, str)]
         encoded = iter(self._bpe.encode_batch(texts, add_special_tokens=False)) if texts else iter(())

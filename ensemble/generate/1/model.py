@@ -9,12 +9,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.serving.bls import BlsStages
+from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.parameters import ModelParameters
+from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
+    bytes_value,
     bytes_values,
-    json_value,
+    log_failure,
     optional_input,
     triton_error,
 )
@@ -23,19 +26,36 @@ from stepaudio2.text import StepAudio2Tokenizer
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # The audio front end's imports (soundfile, tables): paid here, not by the first request.
+        import stepaudio2.audio  # noqa: F401
+
         params = ModelParameters.from_args(args)
         self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
-        self.stages = BlsStages(pb_utils)
+        # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
+        remotes = {"audio_encoder": params.text("remote_audio_encoder"), "llm": params.text("remote_llm"),
+                   "voice_prompt": params.text("remote_voice_prompt"), "token2wav": params.text("remote_token2wav")}
+        self.stages = stages_from_parameters(BlsStages(pb_utils), remotes,
+                                             params.number("remote_timeout_s", minimum=0.001))
+        # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
+        self.limits = RequestLimits(
+            max_request_bytes=params.integer("max_request_bytes", minimum=1),
+            max_json_depth=params.integer("max_json_depth", minimum=1),
+            max_audio_bytes=params.integer("max_audio_bytes", minimum=1),
+            max_audio_seconds=params.number("max_audio_seconds", minimum=0),
+            max_text_chars=params.integer("max_text_chars", minimum=1),
+            max_new_tokens=params.integer("max_new_tokens", minimum=1),
+        )
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
             pcm: list[np.ndarray] = []
             try:
+                obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
+                clips = bytes_values(optional_input(pb_utils, request, "audio"))
+                check_request(obj, clips, None, self.limits)
                 payload = serve_request(
-                    self.tokenizer, self.stages,
-                    json_value(optional_input(pb_utils, request, "request"), "request"),
-                    bytes_values(optional_input(pb_utils, request, "audio")), None,
+                    self.tokenizer, self.stages, obj, clips, None,
                     lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
                     is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
                 )
@@ -45,5 +65,6 @@ class TritonPythonModel:
                     pb_utils.Tensor("audio_out", audio.astype(np.float32)),
                 ]))
             except Exception as exc:
+                log_failure(pb_utils, "generate", request, exc)
                 responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         return responses

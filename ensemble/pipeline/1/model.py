@@ -1,8 +1,9 @@
 """Triton adapter for the streaming pipeline: runs `serve_request` (the core `run_pipeline` flow with the
-audio_encoder, llm, voice_prompt and token2wav stages reached over BLS) and streams each event back as JSON, PCM
-chunks in `audio_chunk`. Each instance (a process) serves one request at a time on its own thread: the Python
-backend of this Triton version crashed when several threads of one stub talked to the server at once, so
-concurrency comes from `instance_group` count (Triton routes each new request to a free instance)."""
+audio_encoder, llm, voice_prompt and token2wav stages reached over BLS, or over gRPC where a `remote_<stage>`
+parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. Each instance
+(a process) serves one request at a time on its own thread: the Python backend of this Triton version crashed
+when several threads of one stub talked to the server at once, so concurrency comes from `instance_group` count
+(Triton routes each new request to a free instance)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,22 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from stepaudio2.errors import UnavailableError
 from stepaudio2.serving.bls import BlsStages, Cancelled
+from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
 from stepaudio2.serving.parameters import ModelParameters
+from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
+from stepaudio2.serving.session_store import open_store
 from stepaudio2.serving.sessions import SessionStore
+from stepaudio2.serving.shared_voices import SharedVoiceStages
 from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
     bytes_values,
-    json_value,
+    log_failure,
     optional_input,
     triton_error,
 )
@@ -34,14 +40,34 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        # The audio front end's imports (soundfile, tables): paid here, not by the first request.
+        import stepaudio2.audio  # noqa: F401
+
         params = ModelParameters.from_args(args)
         self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
-        self.stages = BlsStages(pb_utils)
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
-        self.sessions = SessionStore(params.path("sessions_dir"), params.integer("max_sessions", minimum=1),
-                                     params.number("session_ttl_s", minimum=0))
+        # Sessions and voices: files in `sessions_dir` (default, one server) or Redis (`session_store`), shared
+        # by every instance (and, with Redis, every replica).
+        store = open_store(params.text("session_store"), params.path("sessions_dir"),
+                           max_sessions=params.integer("max_sessions", minimum=1),
+                           ttl_s=params.number("session_ttl_s", minimum=0))
+        self.sessions = SessionStore(store)
+        # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
+        remotes = {"audio_encoder": params.text("remote_audio_encoder"), "llm": params.text("remote_llm"),
+                   "voice_prompt": params.text("remote_voice_prompt"), "token2wav": params.text("remote_token2wav")}
+        local = stages_from_parameters(BlsStages(pb_utils), remotes, params.number("remote_timeout_s", minimum=0.001))
+        self.stages = SharedVoiceStages(local, store)
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
+        # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
+        self.limits = RequestLimits(
+            max_request_bytes=params.integer("max_request_bytes", minimum=1),
+            max_json_depth=params.integer("max_json_depth", minimum=1),
+            max_audio_bytes=params.integer("max_audio_bytes", minimum=1),
+            max_audio_seconds=params.number("max_audio_seconds", minimum=0),
+            max_text_chars=params.integer("max_text_chars", minimum=1),
+            max_new_tokens=params.integer("max_new_tokens", minimum=1),
+        )
 
     def _locked(self, fn):
         with self.send_lock:
@@ -67,11 +93,12 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
         try:
+            obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
+            clips = bytes_values(optional_input(pb_utils, request, "audio"))
+            voice = _voice_bytes(optional_input(pb_utils, request, "voice"))
+            check_request(obj, clips, voice, self.limits)
             serve_request(
-                self.tokenizer, self.stages,
-                json_value(optional_input(pb_utils, request, "request"), "request"),
-                bytes_values(optional_input(pb_utils, request, "audio")),
-                _voice_bytes(optional_input(pb_utils, request, "voice")),
+                self.tokenizer, self.stages, obj, clips, voice,
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )
@@ -81,10 +108,14 @@ class TritonPythonModel:
             with lock:
                 sender.send(flags=FINAL)
         except Exception as exc:
+            log_failure(pb_utils, "pipeline", request, exc, arrived)
             with lock:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
         finally:
-            self.speech_metrics.sessions.set(len(self.sessions))
+            try:
+                self.speech_metrics.sessions.set(len(self.sessions))
+            except UnavailableError:
+                pass  # the store is down: session requests say so; the gauge keeps its last value
 
     def execute(self, requests: list) -> None:
         for request in requests:

@@ -60,3 +60,29 @@ requests:
 limits:
   {{- toYaml $lim | nindent 2 }}
 {{- end -}}
+
+{{/* The session store URL of the front stages: from a Secret (it may carry a password), the values, or the
+chart's own Redis. Kubernetes expands $(STEPAUDIO2_SESSION_STORE) in the container args. */}}
+{{- define "stepaudio2.sessionStoreEnv" -}}
+{{- $redis := .Values.sessionStore.redis -}}
+- name: STEPAUDIO2_SESSION_STORE
+{{- if $redis.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redis.existingSecret }}
+      key: {{ $redis.existingSecretKey }}
+{{- else if $redis.url }}
+  value: {{ $redis.url | quote }}
+{{- else if $redis.deploy }}
+  value: {{ printf "redis://%s-redis:6379/0" (include "stepaudio2.fullname" .) | quote }}
+{{- else }}
+{{- fail "sessionStore.type redis needs sessionStore.redis.existingSecret, .url or .deploy" }}
+{{- end }}
+{{- end -}}
+
+{{/* Names of the stages marked internal, as a JSON list. */}}
+{{- define "stepaudio2.internalStages" -}}
+{{- $names := list -}}
+{{- range .Values.stages }}{{ if .internal }}{{ $names = append $names .name }}{{ end }}{{ end -}}
+{{- toJson $names -}}
+{{- end -}}

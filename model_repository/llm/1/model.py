@@ -39,6 +39,7 @@ from stepaudio2.serving.triton_utils import (  # noqa: E402
     required_input,
     triton_error,
 )
+from stepaudio2.serving.validation import LLMLimits, check_llm_inputs  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CANCEL_POLL_S = 0.05  # how often the loop asks Triton whether a client left (one thread, all requests)
@@ -64,12 +65,17 @@ class TritonPythonModel:
             dtype=params.choice("dtype", ("float32", "bfloat16", "float16")),
             enforce_eager=params.flag("enforce_eager"),
             enable_prefix_caching=params.flag("enable_prefix_caching"),
+            executor=params.choice("executor", ("uni", "mp")),
             python_executable=params.text("python_executable"),
         )
         self.config = load_config(version_dir)
         self.tokenizer = StepAudio2Tokenizer.from_dir(version_dir)
         self.vocab_size = self.config.text.vocab_size
         self.table = np.load(version_dir / "embed_tokens.npy", mmap_mode="r")
+        # 0: no cap below the engine's max_model_len (which is checked on its own in _parse).
+        max_prompt = params.integer("max_prompt_tokens", minimum=0)
+        self.limits = LLMLimits(vocab_size=self.vocab_size, hidden_size=int(self.table.shape[1]),
+                                context=self.settings.max_model_len, max_prompt_tokens=max_prompt or None)
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
         self.metrics.slots_total.set(self.settings.max_num_seqs)
         self.vllm_metrics = VllmMetrics(pb_utils, args["model_name"], decode_batch=self.metrics.batch)
@@ -108,14 +114,18 @@ class TritonPythonModel:
         asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def _parse(self, request) -> dict:
-        ids = required_input(pb_utils, request, "input_ids").reshape(-1).astype(np.int64)
-        embeds = build_prompt_embeds(
-            ids, self.table, self.vocab_size,
-            optional_input(pb_utils, request, "audio_embeds"), optional_input(pb_utils, request, "audio_spans"),
-        )
+        # Checked per request before anything reaches the engine: a NaN or wrong-width embedding row, an id
+        # outside the vocabulary or a bad span would otherwise fail (or poison) the shared engine step.
+        checked = check_llm_inputs(
+            required_input(pb_utils, request, "input_ids"), optional_input(pb_utils, request, "audio_embeds"),
+            optional_input(pb_utils, request, "audio_spans"), self.limits)
+        ids = checked.ids
         if ids.size >= self.settings.max_model_len:
             raise InvalidInputError(
                 f"'input_ids' has {ids.size} tokens; the engine's max_model_len is {self.settings.max_model_len}")
+        audio_embeds = np.concatenate(checked.chunks) if checked.chunks else None
+        audio_spans = np.asarray(checked.spans, np.int64).reshape(-1, 2) if checked.spans else None
+        embeds = build_prompt_embeds(ids, self.table, self.vocab_size, audio_embeds, audio_spans)
         sampling = self._SamplingParams.from_dict(
             json_value(optional_input(pb_utils, request, "sampling"), "sampling") or {})
         stops = self._stop_ids(self.tokenizer, self.config, sampling)

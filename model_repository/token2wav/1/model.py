@@ -17,10 +17,12 @@ from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    log_failure,
     optional_input,
     required_input,
     triton_error,
 )
+from stepaudio2.serving.validation import check_prompt_features
 from stepaudio2.token2wav.prompt import VoicePrompt
 
 JOB_TIMEOUT_S = 300.0
@@ -36,14 +38,14 @@ def _text(request, name: str) -> str:
     return (bytes_value(_item(request, name)) or b"").decode("utf-8", "replace")
 
 
-def _prompt(request) -> VoicePrompt:
+def _prompt(request, flow_cfg) -> VoicePrompt:
+    """The request's voice prompt, checked here (token range, shapes, x-vector width, finiteness) so a bad one
+    fails alone instead of inside the scheduler's batched estimator call."""
     tokens = _item(request, "prompt_tokens", True).astype(np.int64).reshape(-1)
     mel = _item(request, "prompt_mel", True).astype(np.float32)
     xvector = _item(request, "prompt_xvector", True).astype(np.float32).reshape(-1)
-    if mel.ndim != 2 or mel.shape[0] != 2 * tokens.size:
-        raise InvalidInputError(f"prompt_mel must be (2 x {tokens.size} prompt tokens, mel bins), got {mel.shape}")
-    if not (np.all(np.isfinite(mel)) and np.all(np.isfinite(xvector))):
-        raise InvalidInputError("prompt_mel / prompt_xvector contain NaN or infinite values")
+    check_prompt_features(tokens, mel, xvector, speech_vocab=flow_cfg.vocab_size,
+                          xvector_dim=flow_cfg.spk_embed_dim, mel_bins=flow_cfg.output_size)
     return VoicePrompt(tokens=tokens, xvector=xvector, mel=mel, key=_text(request, "voice_id") or None)
 
 
@@ -77,6 +79,8 @@ class TritonPythonModel:
         # "torch": the reference modules; otherwise the exported graphs on that runtime.
         engine = params.choice("engine", ("torch", "onnx-cpu", "onnx-cuda", "tensorrt"))
         t2w = Token2Wav(params.path("model_dir"), engine=engine)
+        self.flow_cfg = t2w.flow.cfg
+        self._warm(t2w, self.flow_cfg)
         self.metrics = Token2WavMetrics(pb_utils, args["model_name"])
         self.scheduler = SynthesisScheduler(
             t2w,
@@ -86,6 +90,15 @@ class TritonPythonModel:
             stream_ttl_s=params.number("stream_ttl_s", minimum=0),
             on_round=self._on_round,
         )
+
+    @staticmethod
+    def _warm(t2w, cfg) -> None:
+        """First-request work before ready (lazy allocations, first estimator and vocoder runs): one short offline
+        synthesis and one streamed chunk with a neutral prompt."""
+        prompt = VoicePrompt(tokens=np.zeros(4, np.int64), xvector=np.zeros(cfg.spk_embed_dim, np.float32),
+                             mel=np.zeros((8, cfg.output_size), np.float32), key=None)
+        t2w.offline(np.zeros(8, np.int64), prompt)
+        t2w.push(t2w.start_stream(prompt), np.zeros(8, np.int64), last=True)
 
     def _on_round(self, stats: RoundStats) -> None:
         self.metrics.batch.observe(stats.estimator_batch)
@@ -102,7 +115,7 @@ class TritonPythonModel:
         op = _text(request, "op")
         stream_id = _text(request, "stream_id")
         if op == "start":
-            sid = self.scheduler.start_stream(_prompt(request), seed=_seed(request))
+            sid = self.scheduler.start_stream(_prompt(request, self.flow_cfg), seed=_seed(request))
             return pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)])
         if op == "cancel":
             self.scheduler.cancel(stream_id)  # unknown ids are fine: the stream may have just finished
@@ -115,7 +128,8 @@ class TritonPythonModel:
             self.scheduler.push(stream_id, np.zeros(0, np.int64) if codes is None else codes.reshape(-1),
                                 bool(last is not None and last.size and last.reshape(-1)[0]), answer)
         elif op == "offline":
-            self.scheduler.offline(_item(request, "codes", True).reshape(-1), _prompt(request), _seed(request), answer)
+            codes = _item(request, "codes", True).reshape(-1)
+            self.scheduler.offline(codes, _prompt(request, self.flow_cfg), _seed(request), answer)
         else:
             raise InvalidInputError(f"unknown op '{op[:32]}' (start, push, cancel or offline)")
         return answer
@@ -127,6 +141,7 @@ class TritonPythonModel:
                 try:
                     pending.append(self._submit(request))
                 except Exception as exc:
+                    log_failure(pb_utils, "token2wav", request, exc)
                     pending.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         self._gauges()
         responses = []

@@ -9,9 +9,16 @@ from collections import OrderedDict
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from stepaudio2.errors import InvalidInputError
+from stepaudio2.audio import decode_audio
+from stepaudio2.errors import AudioError, InvalidInputError
 from stepaudio2.serving.parameters import ModelParameters
-from stepaudio2.serving.triton_utils import bytes_tensor, bytes_value, optional_input, triton_error
+from stepaudio2.serving.triton_utils import (
+    bytes_tensor,
+    bytes_value,
+    log_failure,
+    optional_input,
+    triton_error,
+)
 from stepaudio2.token2wav.prompt import VoicePrompt, VoicePromptEncoder, default_voice_path
 
 
@@ -20,6 +27,7 @@ class TritonPythonModel:
         params = ModelParameters.from_args(args)
         self.max_voices = params.integer("max_voices", minimum=1)
         self.max_seconds = params.number("max_prompt_seconds", minimum=0)
+        self.min_seconds = params.number("min_prompt_seconds", minimum=0)
         self.encoder = VoicePromptEncoder(params.path("token2wav_dir"), cache_size=self.max_voices)
         self.voices: OrderedDict[str, VoicePrompt] = OrderedDict()
         self.lock = threading.Lock()
@@ -40,11 +48,19 @@ class TritonPythonModel:
             data = bytes_value(audio) or b""
             if not data:
                 raise InvalidInputError("voice prompt audio is empty")
-            prompt = self.encoder.encode_bytes(data)
-            seconds = prompt.num_tokens / 25.0
+            # Duration first (a cheap decode), so an over-long prompt is refused before the expensive encoding.
+            try:
+                samples, sr = decode_audio(data, mono="first")
+            except AudioError as exc:
+                raise AudioError(f"voice prompt: {exc}") from None  # which input could not be read
+            seconds = samples.shape[0] / sr
             if seconds > self.max_seconds:
-                raise InvalidInputError(f"voice prompt is {seconds:.1f} s long, more than {self.max_seconds:g} s")
-            return self._keep(prompt)
+                raise InvalidInputError(f"voice prompt is {seconds:.1f} s long, over the limit "
+                                        f"max_prompt_seconds={self.max_seconds:g}")
+            if seconds < self.min_seconds:
+                raise InvalidInputError(f"voice prompt is {seconds:.2f} s long, under the limit "
+                                        f"min_prompt_seconds={self.min_seconds:g}")
+            return self._keep(self.encoder.encode_bytes(data))
         if voice_id:
             key = voice_id.decode("utf-8", "replace")
             with self.lock:
@@ -66,5 +82,6 @@ class TritonPythonModel:
                     pb_utils.Tensor("prompt_xvector", np.asarray(p.xvector, np.float32)),
                 ]))
             except Exception as exc:
+                log_failure(pb_utils, "voice_prompt", request, exc)
                 responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
         return responses

@@ -1,0 +1,137 @@
+"""Split vs single server on loopback (real tritonservers, gRPC): time to first audio at 1 and 8 voice-chat
+streams when the pipeline reaches every stage over gRPC on a second server (front: pipeline + audio_encoder;
+pool: llm, token2wav, voice_prompt) vs all in one server over BLS; and the latency of a session's second turn
+with the embedded store vs Redis (a real redis-server on a free port).
+
+    .venv/bin/python bench/split_vs_single.py [--preset small] [--tokens 160] [--levels 1 8] [--runs 3] [--turns 10]
+
+TTFA as in bench/speech_streams.py (client side: first audio chunk received - request sent). Turn-2 latency:
+wall time of one follow-up request (`session_id` + `text`, 4 new tokens, text reply) after a first turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import checkpoint  # noqa: E402
+from speech_streams import _cell, _port, run_level  # noqa: E402
+
+
+def _server(ckpt: Path, models: list[str] | None, remotes: dict[str, str], store: str | None):
+    from stepaudio2.serving.launcher import ServerConfig, TritonProcess
+    from stepaudio2.serving.topology import topology
+
+    params, args = topology(models, remotes, store)
+    cfg = ServerConfig(checkpoint=ckpt, runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-bench-split-")),
+                       grpc_port=_port(), http_port=_port(), metrics_port=_port(), model_parameters=params,
+                       extra_args=args)
+    return cfg, TritonProcess(cfg)
+
+
+def _redis() -> tuple[subprocess.Popen, str]:
+    port = _port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    import redis
+
+    db = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            db.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)  # start-up only
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def _turn_two(url: str, turns: int) -> list[float]:
+    from stepaudio2_client import StepAudio2Client
+
+    out = []
+    with StepAudio2Client(url) as c:
+        for _ in range(turns + 1):  # the first pair warms up
+            sid = c.generate({"task": "chat", "text": "hi", "session_id": "new",
+                              "sampling": {"max_new_tokens": 4}})["session_id"]
+            t0 = time.perf_counter()
+            c.generate({"session_id": sid, "text": "and then?", "sampling": {"max_new_tokens": 4}})
+            out.append(time.perf_counter() - t0)
+    return out[1:]
+
+
+def _ttfa(url: str, levels: list[int], runs: int, tokens: int) -> dict[int, dict[str, list[float]]]:
+    run_level(url, 1, 1, tokens)  # warm-up
+    return {level: run_level(url, level, runs, tokens) for level in levels}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--tokens", type=int, default=160)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--turns", type=int, default=10)
+    args = ap.parse_args()
+    ckpt = checkpoint(args.preset)
+    ttfa: dict[str, dict[int, dict[str, list[float]]]] = {}
+    turn2: dict[str, list[float]] = {}
+
+    cfg, single = _server(ckpt, None, {}, None)
+    single.start()
+    try:
+        url = f"127.0.0.1:{cfg.grpc_port}"
+        ttfa["single"] = _ttfa(url, args.levels, args.runs, args.tokens)
+        turn2["embedded"] = _turn_two(url, args.turns)
+    finally:
+        single.stop()
+
+    redis_proc, redis_url = _redis()
+    try:
+        pool_cfg, pool = _server(ckpt, ["llm", "token2wav", "voice_prompt"], {}, None)
+        pool.start()
+        address = f"127.0.0.1:{pool_cfg.grpc_port}"
+        front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder"],
+                                   {"llm": address, "token2wav": address, "voice_prompt": address}, redis_url)
+        front.start()
+        try:
+            url = f"127.0.0.1:{front_cfg.grpc_port}"
+            ttfa["split"] = _ttfa(url, args.levels, args.runs, args.tokens)
+            turn2["redis (split)"] = _turn_two(url, args.turns)
+        finally:
+            front.stop()
+            pool.stop()
+        cfg, single = _server(ckpt, None, {}, redis_url)
+        single.start()
+        try:
+            turn2["redis"] = _turn_two(f"127.0.0.1:{cfg.grpc_port}", args.turns)
+        finally:
+            single.stop()
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs}; medians [min .. max] over runs")
+    print("| layout | streams | TTFA p50 s | TTFA p95 s | server TTFA p95 s | RTF |")
+    print("|---|---|---|---|---|---|")
+    for layout, by_level in ttfa.items():
+        for level, st in by_level.items():
+            print(f"| {layout} | {level} | {_cell(st['p50'])} | {_cell(st['p95'])} | {_cell(st['server_p95'])} | "
+                  f"{_cell(st['rtf'])} |")
+    for level in args.levels:
+        ratio = statistics.median(ttfa["split"][level]["p95"]) / statistics.median(ttfa["single"][level]["p95"])
+        print(f"TTFA p95 split / single at {level} stream(s): x{ratio:.3f}")
+    print(f"| store | session turn 2 s (n={args.turns}) |")
+    print("|---|---|")
+    for store, values in turn2.items():
+        print(f"| {store} | {_cell(values)} |")
+
+
+if __name__ == "__main__":
+    main()
