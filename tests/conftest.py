@@ -135,6 +135,24 @@ def tiny_checkpoint_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_full_export(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_checkpoint_full's exported model repository, made once per session (about a minute on two cores):
+    `with_export` copies it into a server's runtime, and the launcher's hash check then skips the export."""
+    from stepaudio2.export.repository import export_checkpoint
+
+    folder = tmp_path_factory.mktemp("tinyfull-onnx")
+    export_checkpoint(tiny_checkpoint_full, folder)
+    return folder
+
+
+def with_export(runtime: Path, export: Path) -> Path:
+    """A server runtime folder holding a copy of an exported repository (read-only tests may share one export;
+    a runtime gets its own copy because the launcher writes the stage models' configs into it)."""
+    shutil.copytree(export, runtime / "model_repository", dirs_exist_ok=True)
+    return runtime
+
+
+@pytest.fixture(scope="session")
 def tok(tmp_path_factory: pytest.TempPathFactory):
     """The tiny tokenizer alone (text-protocol tests need no weights)."""
     from stepaudio2.text import StepAudio2Tokenizer, write_tokenizer_files
@@ -173,13 +191,13 @@ SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_qu
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
+def server(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path_factory: pytest.TempPathFactory):
     """One real tritonserver (nvidia-pytriton binary, CPU, loopback) for every test that needs one."""
     require_module("pytriton", SERVE_EXTRA)
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     cfg = ServerConfig(
-        checkpoint=tiny_checkpoint_full, runtime=tmp_path_factory.mktemp("serve"),
+        checkpoint=tiny_checkpoint_full, runtime=with_export(tmp_path_factory.mktemp("serve"), tiny_full_export),
         grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
         model_parameters={"llm": dict(SERVER_LLM_PARAMETERS)},
     )

@@ -33,10 +33,8 @@ SYNTH_RMS = 2e-4  # ... while on average the samples agree far more closely
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("t2wrepo")
-    export_checkpoint(tiny_checkpoint_full, repo)
-    return repo
+def repository(tiny_full_export: Path) -> Path:
+    return tiny_full_export  # the session's export of tiny_checkpoint_full (read only here)
 
 
 @pytest.fixture(scope="module")

@@ -418,6 +418,48 @@ def test_full_gateway_answers_429(served, tmp_path, long_seed) -> None:  # noqa:
         gw.stop()
 
 
+def test_full_triton_answers_429_server_full(server, tmp_path) -> None:
+    """Triton itself full (the session server's llm: 8 running + 4 waiting, SERVER_LLM_PARAMETERS): the gateway
+    turns the pipeline's UNAVAILABLE into 429 `server_full` with Retry-After, and serves again once the load left."""
+    import tritonclient.grpc as grpcclient
+
+    from .conftest import SERVER_LLM_PARAMETERS
+    from .test_llm_vllm import _llm_inputs
+
+    running, waiting = int(SERVER_LLM_PARAMETERS["max_num_seqs"]), int(SERVER_LLM_PARAMETERS["max_queue"])
+    gw = _gateway(f"127.0.0.1:{server.grpc_port}", tmp_path)
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    errors: list = []
+    g.start_stream(callback=lambda result, error: error is not None and errors.append(error))
+    try:
+        for i in range(running + waiting):  # long raw llm requests take every slot and every queue place
+            g.async_stream_infer("llm", _llm_inputs(4000, seed=i), request_id=f"fill{i}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+                _triton_metric(server, 'vllm:num_requests_running{model="llm"}', required=True) != running
+                or _triton_metric(server, 'vllm:num_requests_waiting{model="llm"}', required=True) != waiting):
+            time.sleep(0.2)
+        assert not errors, [e.message() for e in errors]
+        req = urllib.request.Request(f"{gw.url}/v1/chat/completions", data=_chat_body(),
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=60)
+        body = json.loads(refused.value.read())
+        assert refused.value.code == 429 and body["error"]["code"] == "server_full", body
+        assert refused.value.headers["Retry-After"] == "1"
+    finally:
+        g.stop_stream(cancel_requests=True)  # the load leaves: the llm aborts its vLLM requests
+        g.close()
+    try:
+        deadline = time.monotonic() + 30
+        while _triton_metric(server, 'vllm:num_requests_running{model="llm"}') and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status, got = _post(f"{gw.url}/v1/chat/completions", _chat_body(max_tokens=2))
+        assert status == 200 and got["choices"][0]["message"]["role"] == "assistant", got
+    finally:
+        gw.stop()
+
+
 def test_registered_voice_is_usable_by_name(gateway, oai, served) -> None:  # noqa: F811
     """POST /v1/audio/voices registers a reference wav under a name; a reply in that voice equals the pipeline's
     own reply when the same wav is sent straight to Triton, and differs from the default voice."""

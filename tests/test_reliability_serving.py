@@ -27,7 +27,7 @@ from stepaudio2.engines.sampling import SamplingParams
 from stepaudio2.pipeline import GenerationRequest, ReferencePipeline, load_audio_input
 from stepaudio2.serving import shm
 
-from .conftest import ASSETS, REPO, SPAWNED_LAUNCHERS, free_port, processes_mentioning
+from .conftest import ASSETS, REPO, SPAWNED_LAUNCHERS, free_port, processes_mentioning, with_export
 
 pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -73,10 +73,11 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
+def served(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path_factory: pytest.TempPathFactory):
     # Kept between sessions: the export is keyed by checkpoint + code, so a rerun skips minutes of ONNX export.
     runtime = REPO / ".build" / "test-supervised"
     runtime.mkdir(parents=True, exist_ok=True)
+    with_export(runtime, tiny_full_export)
     grpc_port, health_port = free_port(), free_port()
     log = runtime / "serve.out"
     with open(log, "wb") as out:  # truncated per session

@@ -322,3 +322,61 @@ def test_each_server_of_a_split_deployment_probes_what_it_serves() -> None:
     assert probes_for({"token2wav", "voice_prompt"}, speech=True) == ["voice_prompt+token2wav"]  # the vocoder pool
     with pytest.raises(ValueError, match="nothing to probe"):
         EndToEndCheck("127.0.0.1:1", speech=True, models={"audio_encoder"})
+
+
+class _RecordingSupervisor:
+    """The supervisor's healing plan with Triton replaced by a record of what it would reload (the reloads
+    themselves run on a real server in test_reliability_serving)."""
+
+    def __new__(cls, tmp: Path, llm_answers: bool, checks_after_reload: list[bool]):
+        from stepaudio2.serving.launcher import ServerConfig, ServerError
+        from stepaudio2.serving.supervisor import FRONT_MODELS, Supervisor
+
+        class Recording(Supervisor):
+            def llm_stuck(self, dead_models: list[str]) -> bool:
+                return bool(set(dead_models) & set(FRONT_MODELS)) and "llm" not in dead_models and not llm_answers
+
+            def release_callers(self, dead_models: list[str]) -> list[str]:
+                return list(FRONT_MODELS) if "llm" in dead_models else []
+
+            def reload(self, models: list[str]) -> bool:
+                self.reloads.append(list(models))
+                return True
+
+            def after_start(self, retiring=frozenset(), warm_timeout_s: float = 300.0) -> None:
+                self.warm_timeouts.append(warm_timeout_s)
+                if not checks_after_reload.pop(0):
+                    raise ServerError("end-to-end check fails")
+
+            def restart(self, reason: str, spent: bool = False, t0=None) -> bool:
+                self.reloads.append(["<restart>"])
+                return True
+
+        sup = Recording(ServerConfig(checkpoint=tmp, runtime=tmp))
+        sup.reloads, sup.warm_timeouts = [], []
+        return sup
+
+
+@pytest.mark.parametrize("llm_answers, checks, plan", [
+    # the LLM still answers and the reloaded pipeline passes the check: only the pipeline reloads
+    (True, [True], [["pipeline"]]),
+    # the LLM stopped answering when its caller died: it reloads first, then both of its callers
+    (False, [True], [["llm", "pipeline", "generate"]]),
+    # the LLM blocked only after the probe: the failed check escalates to the LLM and its callers
+    (True, [False, True], [["pipeline"], ["llm", "pipeline", "generate"]]),
+    # nothing helps: the whole server restarts
+    (True, [False, False], [["pipeline"], ["llm", "pipeline", "generate"], ["<restart>"]]),
+])
+def test_healing_plan_after_a_pipeline_stub_died(tmp_path: Path, llm_answers: bool, checks: list[bool],
+                                                 plan: list[list[str]]) -> None:
+    sup = _RecordingSupervisor(tmp_path, llm_answers, checks)
+    assert sup.heal("stub process died: pipeline_0_3", ["pipeline"])
+    assert sup.reloads == plan
+    # a reload's warm-up is bounded well below the first start's (a hung stage must reach the check quickly)
+    assert all(t == sup.rewarm_timeout_s < 60 for t in sup.warm_timeouts)
+
+
+def test_healing_plan_after_the_llm_stub_died(tmp_path: Path) -> None:
+    sup = _RecordingSupervisor(tmp_path, llm_answers=False, checks_after_reload=[True])
+    assert sup.heal("stub process died: llm_0_0", ["llm"])
+    assert sup.reloads == [["llm", "pipeline", "generate"]]

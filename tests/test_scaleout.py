@@ -10,7 +10,6 @@ The tests that stop Redis and the pool come last (pytest runs a module's tests i
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import urllib.request
 from pathlib import Path
@@ -23,14 +22,22 @@ from stepaudio2.pipeline import GenerationRequest, GenerationResult, ReferencePi
 from stepaudio2.request import request_from_json
 from stepaudio2.speech import SpeechChunk, SpeechOutput
 
-from .conftest import ASSETS, SERVE_EXTRA, SERVER_LLM_PARAMETERS, free_port, require_module, require_tool
+from .conftest import (
+    ASSETS,
+    SERVE_EXTRA,
+    SERVER_LLM_PARAMETERS,
+    free_port,
+    require_module,
+    require_tool,
+    with_export,
+)
 from .redis_process import REDIS_EXTRA, REDIS_SERVER, RedisProcess
 
 require_module("pytriton", SERVE_EXTRA)
 redis = require_module("redis", REDIS_EXTRA)
 require_tool("redis-server", REDIS_SERVER)
 
-from stepaudio2.serving.launcher import ServerConfig, TritonProcess, prepare_runtime  # noqa: E402
+from stepaudio2.serving.launcher import ServerConfig, TritonProcess  # noqa: E402
 from stepaudio2.serving.topology import topology  # noqa: E402
 from stepaudio2_client import ClientError, StepAudio2Client  # noqa: E402
 
@@ -41,11 +48,11 @@ POOL_MODELS = ["llm", "token2wav", "voice_prompt"]
 
 
 class Cluster:
-    def __init__(self, checkpoint: Path, root: Path) -> None:
+    def __init__(self, checkpoint: Path, export: Path, root: Path) -> None:
         self.redis = RedisProcess(free_port(), root / "redis")
         self.configs: dict[str, ServerConfig] = {}
         self.procs: dict[str, TritonProcess] = {}
-        self.checkpoint, self.root = checkpoint, root
+        self.checkpoint, self.export, self.root = checkpoint, export, root
 
     def _server(self, name: str, models: list[str], remotes: dict[str, str], store: str | None) -> None:
         params, args = topology(models, remotes, store)
@@ -64,11 +71,9 @@ class Cluster:
                      {"token2wav": pool, "voice_prompt": pool}, self.redis.url)
         self._server("front_llm", ["pipeline", "audio_encoder", "token2wav", "voice_prompt"],
                      {"llm": pool}, self.redis.url)
-        # Export once (torch's exporter is not thread-safe), then copy: each runtime's export is then a no-op.
-        first, *others = self.configs.values()
-        prepare_runtime(first)
-        for cfg in others:
-            shutil.copytree(first.runtime / "model_repository", cfg.runtime / "model_repository")
+        # The session's export, copied: each runtime's export is then a no-op.
+        for cfg in self.configs.values():
+            with_export(cfg.runtime, self.export)
         errors: list[BaseException] = []
 
         def start(proc: TritonProcess) -> None:
@@ -102,8 +107,8 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
-    c = Cluster(tiny_checkpoint_full, tmp_path_factory.mktemp("scaleout"))
+def cluster(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path_factory: pytest.TempPathFactory):
+    c = Cluster(tiny_checkpoint_full, tiny_full_export, tmp_path_factory.mktemp("scaleout"))
     c.start()
     yield c
     c.stop()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import ASSETS, SERVE_EXTRA, free_port, processes_mentioning, require_module
+from .conftest import ASSETS, SERVE_EXTRA, free_port, processes_mentioning, require_module, with_export
 
 require_module("pytriton", SERVE_EXTRA)
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -40,10 +40,10 @@ T2W_ACTIVE = 'stepaudio2_token2wav_active_streams{model="token2wav"}'
 
 
 @pytest.fixture(scope="module")
-def small(tiny_checkpoint_full: Path, tmp_path_factory: pytest.TempPathFactory):
+def small(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path_factory: pytest.TempPathFactory):
     """A second server with small limits and token2wav's cross-stream batching off."""
     cfg = ServerConfig(
-        checkpoint=tiny_checkpoint_full, runtime=tmp_path_factory.mktemp("serve_small"),
+        checkpoint=tiny_checkpoint_full, runtime=with_export(tmp_path_factory.mktemp("serve_small"), tiny_full_export),
         grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
         model_parameters={
             "pipeline": {"max_sessions": str(MAX_SESSIONS), "session_ttl_s": str(SESSION_TTL_S)},
@@ -203,12 +203,13 @@ def test_batching_off_on_a_live_server_runs_one_stream_per_estimator_call(small,
 
 # SIGTERM: the same checks on the supervised server at the end of tests/test_reliability_serving.py.
 @pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
-def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint: Path, tmp_path: Path, sig: signal.Signals) -> None:
-    """`stepaudio2 serve` (text-only checkpoint: quicker to start) answers, then on the signal stops tritonserver
+def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path: Path,
+                                         sig: signal.Signals) -> None:
+    """`stepaudio2 serve` (on the session's export: no export here) answers, then on the signal stops tritonserver
     and every backend stub, prints `stopped` and exits 0."""
-    runtime = tmp_path / "runtime"
+    runtime = with_export(tmp_path / "runtime", tiny_full_export)
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", str(tiny_checkpoint),
+    cmd = [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", str(tiny_checkpoint_full),
            "--runtime", str(runtime), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
            "--metrics-port", str(metrics_port), "--health-port", str(free_port()), "--no-gateway"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

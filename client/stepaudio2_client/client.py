@@ -22,6 +22,27 @@ class ClientError(Exception):
         self.message = message
 
 
+# gRPC's reconnect backoff grows to 120 s by default, so a client that saw the server restart (about 45 s on a
+# small CPU) kept failing for a minute after the server was back. Every channel of ours uses these.
+RECONNECT_BACKOFF = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+                     ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel options plus RECONNECT_BACKOFF."""
+    keepalive = grpcclient.KeepAliveOptions()
+    size = 2**31 - 1  # tritonclient's own message size limit
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        *RECONNECT_BACKOFF,
+    ]
+
+
 def error_from(exc: InferenceServerException) -> ClientError:
     """Status from gRPC, or, on streams (which carry only a message), from the server's "[STATUS] " prefix."""
     message = exc.message() or ""
@@ -55,7 +76,7 @@ class StepAudio2Client:
     def __init__(self, url: str = "127.0.0.1:8001", model: str = "pipeline") -> None:
         self.url = url
         self.model = model
-        self._grpc = grpcclient.InferenceServerClient(url=url)
+        self._grpc = grpcclient.InferenceServerClient(url=url, channel_args=channel_args())
 
     def close(self) -> None:
         self._grpc.close()
@@ -83,13 +104,23 @@ class StepAudio2Client:
         def callback(result, error):
             events.put((result, error))
 
-        self._grpc.start_stream(callback=callback)
         finished = False
         try:
+            # Both raise when the connection broke (e.g. the server restarted): a ClientError like any other.
+            self._grpc.start_stream(callback=callback)
             self._grpc.async_stream_infer(
                 self.model, request_inputs(request, audio, voice), request_id=uuid.uuid4().hex,
                 enable_empty_final_response=True,
             )
+        except InferenceServerException as exc:
+            self._grpc.stop_stream(cancel_requests=True)
+            # "The stream is no longer in valid state": the cause (e.g. UNAVAILABLE) went to the callback.
+            try:
+                _, cause = events.get_nowait()
+            except queue.Empty:
+                cause = None
+            raise error_from(cause if isinstance(cause, InferenceServerException) else exc) from exc
+        try:
             while True:
                 try:
                     result, error = events.get(timeout=timeout)

@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from stepaudio2_client.client import error_from, request_inputs
+from stepaudio2_client.client import RECONNECT_BACKOFF, error_from, request_inputs
 from stepaudio2_gateway.errors import GRPC_TO_HTTP, APIError
 
 
@@ -49,7 +49,7 @@ class TritonPipeline:
             # Round robin over every address the name resolves to: behind a headless Service (dns:///name:port)
             # new streams spread over the Triton pods instead of pinning to the first one.
             args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
-                    ("grpc.keepalive_time_ms", 30_000), ("grpc.lb_policy_name", "round_robin")]
+                    ("grpc.keepalive_time_ms", 30_000), ("grpc.lb_policy_name", "round_robin"), *RECONNECT_BACKOFF]
             self._client = grpcaio.InferenceServerClient(self.url, channel_args=args)
         return self._client
 

@@ -70,6 +70,42 @@ def probes_for(models: set[str] | None, speech: bool) -> list[str]:
     return probes
 
 
+def probe_llm(grpc_url: str, timeout_s: float) -> None:
+    """One greedy token from a two-token prompt, straight to the (decoupled) llm model; raises unless a token
+    arrives within `timeout_s`. Also tells the supervisor whether the LLM still answers after a caller died."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    answers: queue.Queue = queue.Queue()
+    ids = grpcclient.InferInput("input_ids", [2], "INT64")
+    ids.set_data_from_numpy(np.array([1, 2], np.int64))
+    sampling = grpcclient.InferInput("sampling", [1], "BYTES")
+    sampling.set_data_from_numpy(np.array([json.dumps(PROBE_REQUEST["sampling"]).encode()], np.object_))
+    g = grpcclient.InferenceServerClient(grpc_url)
+    tokens = 0
+    try:
+        g.start_stream(callback=lambda result, error: answers.put((result, error)))
+        g.async_stream_infer("llm", [ids, sampling], enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                result, error = answers.get(timeout=max(0.001, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"llm: no answer within {timeout_s} s") from None
+            if error is not None:
+                raise RuntimeError(f"llm: {error.message() if hasattr(error, 'message') else error}")
+            out = result.as_numpy("token_ids")
+            tokens += 0 if out is None else out.size
+            if result.get_response().parameters.get("triton_final_response"):
+                break
+    finally:
+        g.stop_stream(cancel_requests=True)
+        g.close()
+    if tokens == 0:
+        raise RuntimeError("llm finished without a token")
+
+
 class EndToEndCheck:
     """Runs the stage probes against one server over gRPC; `get()` answers from a cache of `cache_s` seconds."""
 
@@ -104,35 +140,7 @@ class EndToEndCheck:
             raise RuntimeError("pipeline answered without tokens")
 
     def _llm(self) -> None:
-        """One greedy token from a two-token prompt, straight to the (decoupled) llm model."""
-        import queue
-
-        import tritonclient.grpc as grpcclient
-
-        answers: queue.Queue = queue.Queue()
-        ids = grpcclient.InferInput("input_ids", [2], "INT64")
-        ids.set_data_from_numpy(np.array([1, 2], np.int64))
-        sampling = grpcclient.InferInput("sampling", [1], "BYTES")
-        sampling.set_data_from_numpy(np.array([json.dumps(PROBE_REQUEST["sampling"]).encode()], np.object_))
-        g = grpcclient.InferenceServerClient(self.grpc_url)
-        tokens = 0
-        try:
-            g.start_stream(callback=lambda result, error: answers.put((result, error)))
-            g.async_stream_infer("llm", [ids, sampling], enable_empty_final_response=True)
-            deadline = time.monotonic() + self.timeout_s
-            while True:
-                result, error = answers.get(timeout=max(0.001, deadline - time.monotonic()))
-                if error is not None:
-                    raise RuntimeError(f"llm: {error.message() if hasattr(error, 'message') else error}")
-                out = result.as_numpy("token_ids")
-                tokens += 0 if out is None else out.size
-                if result.get_response().parameters.get("triton_final_response"):
-                    break
-        finally:
-            g.stop_stream(cancel_requests=True)
-            g.close()
-        if tokens == 0:
-            raise RuntimeError("llm finished without a token")
+        probe_llm(self.grpc_url, self.timeout_s)
 
     def _speech(self) -> None:
         import tritonclient.grpc as grpcclient

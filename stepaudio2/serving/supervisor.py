@@ -23,7 +23,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from stepaudio2.serving.health import PROBE_REQUEST, EndToEndCheck, HealthReport, HealthState, _probe_wav
+from stepaudio2.serving.health import (
+    PROBE_REQUEST,
+    EndToEndCheck,
+    HealthReport,
+    HealthState,
+    _probe_wav,
+    probe_llm,
+)
 from stepaudio2.serving.launcher import ServerConfig, ServerError, TritonProcess
 from stepaudio2.serving.topology import FRONT_MODELS
 
@@ -85,6 +92,10 @@ class Supervisor:
         self.check: EndToEndCheck | None = None
         self.probe_timeout_s = probe_timeout_s
         self.reload_timeout_s = 120.0
+        # After a reload the stubs are warm already; a warm-up request that hangs means a stage still hangs (the
+        # end-to-end check that follows says which), so it is not waited for as long as at the first start.
+        self.rewarm_timeout_s = 20.0
+        self.llm_probe_timeout_s = 5.0
         self.stubs: dict[int, str] = {}
         self.expected_stubs: int | None = None  # stub count of the first good start
         self.restart_times: list[float] = []
@@ -99,10 +110,10 @@ class Supervisor:
                                    models=self.served_models())
         self.after_start()
 
-    def after_start(self, retiring: frozenset[int] = frozenset()) -> None:
+    def after_start(self, retiring: frozenset[int] = frozenset(), warm_timeout_s: float = 300.0) -> None:
         """Warm, check end to end, and take the stubs running now as the ones to watch (`retiring`: stubs of
         unloaded instances that may still be exiting; they are not watched)."""
-        self.warm()
+        self.warm(warm_timeout_s)
         report = self.check.run()
         if not report.ok:
             raise ServerError(f"server started but the end-to-end check fails: {report.reason}")
@@ -120,7 +131,11 @@ class Supervisor:
         named = {a.split("=", 1)[1] for a in self.cfg.extra_args if a.startswith("--load-model=")}
         return None if not named or "*" in named else named
 
-    def warm(self) -> None:
+    def serves(self, model: str) -> bool:
+        served = self.served_models()
+        return served is None or model in served
+
+    def warm(self, timeout_s: float = 300.0) -> None:
         """First-request work of every pipeline instance before ready: one concurrent probe per instance, so
         Triton hands one to each idle instance (the models warm themselves in initialize). A stage pool of a
         split deployment has no pipeline; its models warm themselves in initialize."""
@@ -136,7 +151,7 @@ class Supervisor:
         def one(_: int) -> str | None:
             try:
                 with StepAudio2Client(url) as client:
-                    client.generate(PROBE_REQUEST, wav, timeout=300)
+                    client.generate(PROBE_REQUEST, wav, timeout=timeout_s)
                 return None
             except Exception as exc:  # best effort: the end-to-end check that follows decides
                 return f"{type(exc).__name__}: {exc}"
@@ -168,54 +183,87 @@ class Supervisor:
             log.info("reloaded %s in %.1f s", model, time.perf_counter() - t0)
             return True
 
-        # One after the other, in the given order (stages first): reloaded together, the 16 pipeline stubs' start
-        # took the CPU from vLLM's (llm 75 s instead of 33 s on the 2-core machine).
-        return all(one(m) for m in models)
+        # Stages one after the other, then their callers together: reloaded at the same time as the llm, the 16
+        # pipeline stubs' start took the CPU from vLLM's (llm 75 s instead of 33 s on the 2-core machine), while
+        # the light front models start as fast together as apart.
+        stages = [m for m in models if m not in FRONT_MODELS]
+        fronts = [m for m in models if m in FRONT_MODELS]
+        if not all(one(m) for m in stages):
+            return False
+        with ThreadPoolExecutor(max(1, len(fronts))) as pool:
+            return all(list(pool.map(one, fronts)))
+
+    def llm_stuck(self, dead_models: list[str]) -> bool:
+        """After a caller of the LLM died mid-stream, this Triton's LLM can block for ever sending to it (its one
+        response thread waits on the dead stub), and then every request hangs. True when the LLM served here does
+        not answer a one-token request within seconds, so it is reloaded with its callers at once (waiting for the
+        end-to-end check to fail after reloading the callers alone costs half a minute more)."""
+        if "llm" in dead_models or not set(dead_models) & set(FRONT_MODELS) or not self.serves("llm"):
+            return False
+        try:
+            probe_llm(f"{self.cfg.host}:{self.cfg.grpc_port}", self.llm_probe_timeout_s)
+            return False
+        except Exception as exc:
+            log.warning("llm does not answer since its caller died (%s: %s)", type(exc).__name__, exc)
+            return True
+
+    def running_stubs(self) -> dict[int, str]:
+        """The stubs watched since the last ready and those running now (after a reload, new ones)."""
+        proc = self.server.proc
+        return {**self.stubs, **(stub_pids(proc.pid) if proc is not None else {})}
 
     def release_callers(self, dead_models: list[str]) -> list[str]:
         """A request streaming from a decoupled stage whose stub died never gets an error: its caller's BLS response
         iterator waits for ever. Kill the callers' stubs too (their in-flight requests fail at once) and return
-        them, to be reloaded with the stage."""
-        if not set(dead_models) & set(DECOUPLED_STAGES):
+        them, to be reloaded with the stage. A caller model with one dead instance (the LLM blocked on it) still
+        has live instances whose requests wait on the LLM: they are killed too, and so is a stage stub that is
+        alive but blocked (an unload leaves a blocked stub running, with its callers' requests hanging)."""
+        stages = sorted(set(dead_models) & set(DECOUPLED_STAGES))
+        if not stages:
             return []
-        served = self.served_models()
-        callers = [m for m in FRONT_MODELS if m not in dead_models and (served is None or m in served)]
-        for pid, name in list(self.stubs.items()):
-            if name.rsplit("_", 2)[0] in callers:
+        callers = [m for m in FRONT_MODELS if self.serves(m)]
+        for pid, name in self.running_stubs().items():
+            if name.rsplit("_", 2)[0] in (*stages, *callers):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         if callers:
             log.warning("killed the stubs of %s: their requests to the dead %s cannot end otherwise",
-                        ", ".join(callers), ", ".join(sorted(set(dead_models) & set(DECOUPLED_STAGES))))
+                        ", ".join(callers), ", ".join(stages))
         return callers
 
     def heal(self, reason: str, dead_models: list[str]) -> bool:
         """Reload the dead models when that is enough, else restart the server; False once the budget is spent.
 
         Stages reload before the models that call them. Only the dead models reload: reloading vLLM costs most of
-        a minute on a small CPU. Where a dead pipeline instance left the LLM blocked on it (the check after the
-        reload fails), the LLM is reloaded next, and the server restarted only if that is not enough."""
+        a minute on a small CPU. Where a dead pipeline instance left the LLM blocked on it (a one-token probe of the
+        LLM fails, or the check after the reload does), the LLM and its callers are reloaded, and the server
+        restarted only if that is not enough."""
         if not self._spend(reason):
             return False
         t0 = time.perf_counter()
         if dead_models:
-            dead_models = [*dead_models, *self.release_callers(dead_models)]
-            order = sorted(set(dead_models), key=lambda m: (m not in STAGE_MODELS, dead_models.index(m)))
-            escalation = [order] + ([["llm"]] if "pipeline" in order and "llm" not in order else [])
-            for models in escalation:
-                log.warning("reloading %s: %s", ", ".join(models), reason)
-                retiring = frozenset(p for p, n in self.stubs.items() if n.rsplit("_", 2)[0] in models)
-                if not self.reload(models):
+            if self.llm_stuck(dead_models):
+                dead_models = [*dead_models, "llm"]
+                reason = f"{reason}; llm stopped answering"
+            attempts = [dead_models]
+            if "llm" not in dead_models and set(dead_models) & set(FRONT_MODELS) and self.serves("llm"):
+                attempts.append(["llm"])  # the LLM blocked on the dead caller after the probe above
+            for models in attempts:
+                models = [*models, *self.release_callers(models)]
+                order = sorted(set(models), key=lambda m: (m not in STAGE_MODELS, models.index(m)))
+                log.warning("reloading %s: %s", ", ".join(order), reason)
+                retiring = frozenset(p for p, n in self.running_stubs().items() if n.rsplit("_", 2)[0] in order)
+                if not self.reload(order):
                     break
                 try:
-                    self.after_start(retiring)
+                    self.after_start(retiring, self.rewarm_timeout_s)
                     self.recoveries.append(time.perf_counter() - t0)
                     log.info("recovered by reload in %.1f s", self.recoveries[-1])
                     return True
                 except Exception as exc:
-                    log.error("still broken after reloading %s: %s: %s", ", ".join(models), type(exc).__name__, exc)
+                    log.error("still broken after reloading %s: %s: %s", ", ".join(order), type(exc).__name__, exc)
                     reason = f"{reason}; then {exc}"
         return self.restart(reason, spent=True, t0=t0)
 
