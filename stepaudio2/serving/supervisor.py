@@ -196,16 +196,43 @@ class Supervisor:
     def llm_stuck(self, dead_models: list[str]) -> bool:
         """After a caller of the LLM died mid-stream, this Triton's LLM can block for ever sending to it (its one
         response thread waits on the dead stub), and then every request hangs. True when the LLM served here does
-        not answer a one-token request within seconds, so it is reloaded with its callers at once (waiting for the
-        end-to-end check to fail after reloading the callers alone costs half a minute more)."""
+        not answer a one-token request within seconds and generated no token for anyone meanwhile, so it is
+        reloaded with its callers at once (waiting for the end-to-end check to fail after reloading the callers
+        alone costs half a minute more). Any answer, an error included (e.g. UNAVAILABLE when full), and any token
+        generated during the probe (a busy LLM queues the probe) mean it is not blocked."""
         if "llm" in dead_models or not set(dead_models) & set(FRONT_MODELS) or not self.serves("llm"):
             return False
+        before = self.generated_tokens()
         try:
             probe_llm(f"{self.cfg.host}:{self.cfg.grpc_port}", self.llm_probe_timeout_s)
             return False
-        except Exception as exc:
-            log.warning("llm does not answer since its caller died (%s: %s)", type(exc).__name__, exc)
+        except TimeoutError as exc:
+            after = self.generated_tokens()
+            if before is not None and after is not None and after > before:
+                log.info("llm generating but slow to answer a probe (%s)", exc)
+                return False
+            log.warning("llm does not answer since its caller died and generated nothing for %.0f s",
+                        self.llm_probe_timeout_s)
             return True
+        except Exception as exc:
+            log.info("llm answered a probe with an error, so it is not blocked: %s: %s", type(exc).__name__, exc)
+            return False
+
+    def generated_tokens(self) -> float | None:
+        """vLLM's generated-token counter of the llm model on Triton's metrics endpoint (None: unreadable). It is
+        counted on the LLM's response thread, so a blocked LLM stops counting."""
+        import urllib.request
+
+        from stepaudio2.serving.metrics import VLLM_GENERATION_TOKENS
+
+        url = f"http://{self.cfg.host}:{self.cfg.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(VLLM_GENERATION_TOKENS + "{") and 'model="llm"' in line)
 
     def running_stubs(self) -> dict[int, str]:
         """The stubs watched since the last ready and those running now (after a reload, new ones)."""
