@@ -24,12 +24,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stepaudio2.serving.supervisor import stub_pids  # noqa: E402
+from stepaudio2.serving.supervisor import stub_pids, tree_rss_mb  # noqa: E402
 from stepaudio2_client import ClientError, StepAudio2Client  # noqa: E402
 
 HELLO = (ROOT / "stepaudio2" / "assets" / "hello_en.wav").read_bytes()
@@ -42,29 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def tree_rss_mb(root_pid: int) -> float:
-    """RSS of a process and all its descendants (tritonserver + stubs), MB."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text()
-                children[int(stat[stat.rindex(")") + 2 :].split()[1])].append(int(proc.name))
-            except (OSError, ValueError):
-                pass
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
 
 
 def health(port: int) -> int:

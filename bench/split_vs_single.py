@@ -24,13 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import checkpoint  # noqa: E402
 from speech_streams import _cell, _port, run_level  # noqa: E402
 
+_EXPORTS: dict[Path, Path] = {}
+
+
+def _exported(ckpt: Path) -> Path:
+    """The checkpoint's model repository, exported once for every server of this run (minutes per export)."""
+    if ckpt not in _EXPORTS:
+        from stepaudio2.export.repository import export_checkpoint
+
+        _EXPORTS[ckpt] = Path(tempfile.mkdtemp(prefix="stepaudio2-bench-split-export-"))
+        export_checkpoint(ckpt, _EXPORTS[ckpt])
+    return _EXPORTS[ckpt]
+
 
 def _server(ckpt: Path, models: list[str] | None, remotes: dict[str, str], store: str | None):
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
     from stepaudio2.serving.topology import topology
 
     params, args = topology(models, remotes, store)
-    cfg = ServerConfig(checkpoint=ckpt, runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-bench-split-")),
+    runtime = Path(tempfile.mkdtemp(prefix="stepaudio2-bench-split-"))
+    shutil.copytree(_exported(ckpt), runtime / "model_repository")  # the launcher's export is then a no-op
+    cfg = ServerConfig(checkpoint=ckpt, runtime=runtime,
                        grpc_port=_port(), http_port=_port(), metrics_port=_port(), model_parameters=params,
                        extra_args=args)
     return cfg, TritonProcess(cfg)

@@ -257,6 +257,41 @@ def test_bad_inputs_are_invalid_argument_naming_the_problem(served: Served, name
     assert needle in err.value.message, (name, err.value.message)
 
 
+def _ten_minute_wav() -> bytes:
+    """hello_en.wav repeated to exactly 600 s (the default max_audio_seconds), 16-bit mono."""
+    import io
+    import wave
+
+    with wave.open(str(HELLO)) as w:
+        rate, pcm = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    total = 600 * rate
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.resize(pcm, total).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def test_a_ten_minute_wav_leaves_no_memory_behind(served: Served, asr_answer: list[int]) -> None:
+    """The longest audio a request may carry (600 s) through ASR is served (7.5k prompt positions), and afterwards
+    the whole server (tritonserver, every stub, vLLM's engine core) holds no more than 20 % above its memory before;
+    the next request still gets its reference answer."""
+    from stepaudio2.serving.supervisor import tree_rss_mb
+
+    wav = _ten_minute_wav()
+    with StepAudio2Client(served.url) as c:
+        c.generate(ASR, HELLO.read_bytes(), timeout=REQUEST_BOUND_S)  # memory of a normal request is in "before"
+        before = tree_rss_mb(served.proc.pid)
+        long = c.generate({"task": "asr", "sampling": {"max_new_tokens": 4}}, wav, timeout=300)
+        assert long["token_ids"] and long["finish_reason"] in ("stop", "length")
+        time.sleep(2)
+        after = tree_rss_mb(served.proc.pid)
+        assert after <= 1.2 * before, (before, after)
+        assert c.generate(ASR, HELLO.read_bytes(), timeout=REQUEST_BOUND_S)["token_ids"] == asr_answer
+
+
 def test_operator_protocols_need_the_admin_key(served: Served) -> None:
     """Shared-memory registration and model load/unload are refused on gRPC without the launcher's key."""
     from stepaudio2.serving.protection import ADMIN_HEADER_GRPC

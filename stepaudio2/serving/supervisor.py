@@ -63,6 +63,30 @@ def stub_pids(server_pid: int) -> dict[int, str]:
     return found
 
 
+def tree_rss_mb(root_pid: int) -> float:
+    """Resident memory of a process and all its descendants (serve: tritonserver, its stubs, vLLM's engine
+    core), MB, from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(proc.name))
+            except (OSError, ValueError):
+                pass
+    total_kb, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except OSError:
+            pass
+    return total_kb / 1024
+
+
 def instance_count(config: Path) -> int:
     """Sum of instance_group counts in a config.pbtxt (1 when none is given)."""
     counts = [int(n) for n in re.findall(r"count:\s*(\d+)", config.read_text(encoding="utf-8"))]
