@@ -44,12 +44,6 @@ def _text(name: str, value: str | bytes, batched: bool = False):
     return _tensor(name, np.array([data], dtype=np.object_), batched)
 
 
-def _channel_args() -> list:
-    from stepaudio2_client.client import channel_args  # with tritonclient: imported only by split deployments
-
-    return channel_args()
-
-
 class GrpcStages:
     """Every stage call of `BlsStages`, sent to the tritonserver at `url` (HOST:PORT)."""
 
@@ -59,7 +53,7 @@ class GrpcStages:
         self.url = url
         self.timeout_s = timeout_s
         self._grpc = grpcclient
-        self._unary = grpcclient.InferenceServerClient(url=url, channel_args=_channel_args())
+        self._unary = grpcclient.InferenceServerClient(url=url)
         # True while the token just yielded by generate() is the last of its llm response (as BlsStages).
         self.at_response_end = True
 
@@ -112,7 +106,7 @@ class GrpcStages:
         sequence_id = uuid.uuid4().hex
         inputs += [_text("sampling", json.dumps(sampling.to_dict())), _text("sequence_id", sequence_id)]
         responses: queue.Queue = queue.Queue()
-        client = self._grpc.InferenceServerClient(url=self.url, channel_args=_channel_args())  # one bidirectional stream per reply
+        client = self._grpc.InferenceServerClient(url=self.url)  # one bidirectional stream per reply
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         finished = False
         try:
@@ -178,7 +172,7 @@ class GrpcStages:
 
     def cancel(self, sequence_id: str) -> None:
         responses: queue.Queue = queue.Queue()
-        client = self._grpc.InferenceServerClient(url=self.url, channel_args=_channel_args())
+        client = self._grpc.InferenceServerClient(url=self.url)
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
             self._send(client, responses, [_text("cancel", sequence_id)], f"cancel-{sequence_id}")
