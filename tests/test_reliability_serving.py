@@ -38,7 +38,10 @@ from stepaudio2_client import ClientError, StepAudio2Client  # noqa: E402
 
 HELLO = ASSETS / "hello_en.wav"
 ASR = {"task": "asr", "sampling": {"max_new_tokens": 8}}
-RECOVERY_S = 60.0
+RECOVERY_S = 60.0  # a dead stub: the bound
+# A dead tritonserver means a whole restart, vLLM's two imports included (stub + engine core: 37 s of a 46 s start
+# on the 2-core machine, 48.8 s to recovered under traffic here); CI's machine took longer than 60 s once.
+SERVER_RESTART_S = 120.0
 REQUEST_BOUND_S = 90.0  # a request that takes longer than this counts as hung
 
 
@@ -410,10 +413,11 @@ def test_kill_during_traffic_recovers(served: Served, asr_answer: list[int], vic
     while time.monotonic() - killed < 20 and not seen_down:
         seen_down = served.health()[0] != 200
         time.sleep(0.2)
-    # Service answers correctly again within RECOVERY_S.
+    # Service answers correctly again within the bound.
+    bound = SERVER_RESTART_S if victim == "tritonserver" else RECOVERY_S
     recovered = None
     with StepAudio2Client(served.url) as c:
-        while time.monotonic() - killed < RECOVERY_S and recovered is None:
+        while time.monotonic() - killed < bound and recovered is None:
             try:
                 if served.health()[0] == 200 and c.generate(ASR, HELLO.read_bytes(), timeout=30)["token_ids"] \
                         == asr_answer:
@@ -424,7 +428,7 @@ def test_kill_during_traffic_recovers(served: Served, asr_answer: list[int], vic
     for w in workers:
         w.join(REQUEST_BOUND_S + 10)
     assert seen_down, "health never reported the failure"
-    assert recovered is not None, (f"not answering correctly {RECOVERY_S} s after kill -9 of {victim}; log:\n"
+    assert recovered is not None, (f"not answering correctly {bound} s after kill -9 of {victim}; log:\n"
                                    + served.log.read_text(errors="replace")[-3000:])
     assert not any(w.is_alive() for w in workers), "a client request hung"
     assert all(seconds < REQUEST_BOUND_S for _, seconds in outcomes), \
