@@ -103,9 +103,7 @@ class TritonPythonModel:
                 job = self._parse(request)
                 self.tracker.admit(job["request_id"])
             except Exception as exc:
-                if isinstance(exc, QueueFullError):
-                    self.metrics.rejected.increment(1)
-                self._on_loop(self._fail(sender, exc))
+                self._on_loop(self._fail(sender, exc, rejected=isinstance(exc, QueueFullError)))
                 continue
             self._on_loop(self._generate(request, sender, **job))
         return None
@@ -175,7 +173,9 @@ class TritonPythonModel:
             await self.engine.abort(request_id)  # frees its KV blocks now, not at the next token
         sender.send(flags=FINAL)
 
-    async def _fail(self, sender, exc: BaseException) -> None:
+    async def _fail(self, sender, exc: BaseException, rejected: bool = False) -> None:
+        if rejected:  # counted here: a metric update talks to the server, and only this thread may
+            self.metrics.rejected.increment(1)
         sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
 
     async def _watch_cancellations(self) -> None:
