@@ -7,6 +7,10 @@ concurrent streams. Real tritonserver, real gateway process (uvicorn), one machi
 Default checkpoint: the taught tiny one (its voice-chat reply is fixed: 58 speech codes, 2.32 s of audio).
 Definitions (client side): TTFA = first audio byte received - request sent; total = last byte (gRPC: the result
 event; HTTP: `data: [DONE]`) - request sent. Runs alternate direct and gateway so that drift hits both alike.
+
+Where the time goes: the mean TTFA of the same streams seen by the gateway (request received -> first audio delta
+written, its `/metrics`) and by the pipeline (request arrived in Triton -> first PCM chunk sent, Triton's
+`/metrics`), from the histograms' sum and count before and after each run.
 """
 
 from __future__ import annotations
@@ -86,6 +90,26 @@ def _level(fn, url: str, level: int, tokens: int) -> list[tuple[float, float, in
     return out
 
 
+def _histogram(url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of a histogram on a Prometheus text endpoint, over all its label sets."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def _mean_between(before: tuple[float, float], after: tuple[float, float]) -> float:
+    n = after[1] - before[1]
+    return (after[0] - before[0]) / n if n else float("nan")
+
+
 def _p(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -125,6 +149,8 @@ def main() -> None:
     gateway = GatewayProcess(grpc_url, "127.0.0.1", _port(), runtime / "gateway.log")
     gateway.start()
     paths = {"direct gRPC": (_direct, grpc_url), "gateway HTTP/SSE": (_gateway, gateway.url)}
+    server_ttfa = (f"http://127.0.0.1:{cfg.metrics_port}/metrics", "stepaudio2_time_to_first_audio_seconds")
+    gateway_ttfa = (f"{gateway.url}/metrics", "stepaudio2_gateway_time_to_first_audio_seconds")
     stats: dict[tuple[str, int], dict[str, list[float]]] = {}
     try:
         for fn, url in paths.values():  # warm-up: first-call costs stay out of the figures
@@ -132,8 +158,13 @@ def main() -> None:
         for level in args.levels:
             for _ in range(args.runs):
                 for name, (fn, url) in paths.items():
+                    seen = {"server": _histogram(*server_ttfa), "gateway": _histogram(*gateway_ttfa)}
                     out = _level(fn, url, level, args.tokens)
-                    st = stats.setdefault((name, level), {"ttfa50": [], "ttfa95": [], "total95": [], "audio": []})
+                    st = stats.setdefault((name, level), {"ttfa50": [], "ttfa95": [], "total95": [], "audio": [],
+                                                          "client_mean": [], "gateway_mean": [], "server_mean": []})
+                    st["client_mean"].append(statistics.mean(o[0] for o in out))
+                    st["server_mean"].append(_mean_between(seen["server"], _histogram(*server_ttfa)))
+                    st["gateway_mean"].append(_mean_between(seen["gateway"], _histogram(*gateway_ttfa)))
                     st["ttfa50"].append(_p([o[0] for o in out], 0.5))
                     st["ttfa95"].append(_p([o[0] for o in out], 0.95))
                     st["total95"].append(_p([o[1] for o in out], 0.95))
@@ -147,6 +178,12 @@ def main() -> None:
     for (name, level), st in stats.items():
         print(f"| {name} | {level} | {_cell(st['ttfa50'])} | {_cell(st['ttfa95'])} | {_cell(st['total95'])} | "
               f"{statistics.median(st['audio']):.2f} |")
+    print("Mean TTFA of the same streams, as each hop saw it (nan: that hop was not on the path)")
+    print("| path | streams | client | gateway | pipeline (server) |")
+    print("|---|---|---|---|---|")
+    for (name, level), st in stats.items():
+        print(f"| {name} | {level} | {_cell(st['client_mean'])} | {_cell(st['gateway_mean'])} | "
+              f"{_cell(st['server_mean'])} |")
     for level in args.levels:
         d, g = stats[("direct gRPC", level)], stats[("gateway HTTP/SSE", level)]
         for key, label in (("ttfa95", "TTFA p95"), ("total95", "total p95")):

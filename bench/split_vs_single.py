@@ -4,6 +4,11 @@ pool: llm, token2wav, voice_prompt) vs all in one server over BLS; and the laten
 with the embedded store vs Redis (a real redis-server on a free port).
 
     .venv/bin/python bench/split_vs_single.py [--preset small] [--tokens 160] [--levels 1 8] [--runs 3] [--turns 10]
+        [--remote llm token2wav voice_prompt]
+
+`--remote` names the stages the front reaches on the pool (the rest stay on the front, over BLS). With all three
+remote, this Triton's front crashes within tens of streams (README, "Split vs single benchmark"); one stage remote
+measures that hop alone.
 
 TTFA as in bench/speech_streams.py (client side: first audio chunk received - request sent). Turn-2 latency:
 wall time of one follow-up request (`session_id` + `text`, 4 new tokens, text reply) after a first turn.
@@ -92,6 +97,8 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--turns", type=int, default=10)
+    ap.add_argument("--remote", nargs="+", default=["llm", "token2wav", "voice_prompt"],
+                    choices=["llm", "token2wav", "voice_prompt"])
     args = ap.parse_args()
     ckpt = checkpoint(args.preset)
     ttfa: dict[str, dict[int, dict[str, list[float]]]] = {}
@@ -108,11 +115,12 @@ def main() -> None:
 
     redis_proc, redis_url = _redis()
     try:
-        pool_cfg, pool = _server(ckpt, ["llm", "token2wav", "voice_prompt"], {}, None)
+        local = [m for m in ("llm", "token2wav", "voice_prompt") if m not in args.remote]
+        pool_cfg, pool = _server(ckpt, list(args.remote), {}, None)
         pool.start()
         address = f"127.0.0.1:{pool_cfg.grpc_port}"
-        front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder"],
-                                   {"llm": address, "token2wav": address, "voice_prompt": address}, redis_url)
+        front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder", *local],
+                                   {stage: address for stage in args.remote}, redis_url)
         front.start()
         try:
             url = f"127.0.0.1:{front_cfg.grpc_port}"
@@ -131,7 +139,8 @@ def main() -> None:
         redis_proc.terminate()
         redis_proc.wait(10)
 
-    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs}; medians [min .. max] over runs")
+    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs} remote={','.join(args.remote)}; "
+          "medians [min .. max] over runs")
     print("| layout | streams | TTFA p50 s | TTFA p95 s | server TTFA p95 s | RTF |")
     print("|---|---|---|---|---|---|")
     for layout, by_level in ttfa.items():

@@ -185,6 +185,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A fixture's server has nothing in flight when it is stopped, and no test of it is about shutdown (those run
+# `stepaudio2 serve` and wait the whole way): after SIGINT it gets this long before its process group is killed.
+# Triton's graceful unload takes about a second per pipeline stub, one stub after the other (16 s for 16), and
+# hits its 10 s exit timeout on every stop.
+QUICK_STOP_S = 2.0
+
 # The session server's vLLM engine: a small KV space (fast start, little memory) and a small capacity, so the
 # UNAVAILABLE test can fill it (8 running + 4 waiting; no other test sends more than 8 at once).
 SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_queue": "4"}
@@ -204,7 +210,7 @@ def server(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path_factory:
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)
     yield cfg
-    proc.stop()
+    proc.stop(QUICK_STOP_S)
 
 
 @pytest.fixture(scope="session")

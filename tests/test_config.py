@@ -19,7 +19,7 @@ import pytest
 
 from stepaudio2.serving.parameters import ModelParameters, ParameterError
 
-from .conftest import ASSETS, REPO, SERVE_EXTRA, free_port, require_module
+from .conftest import ASSETS, QUICK_STOP_S, REPO, SERVE_EXTRA, free_port, require_module
 
 MODEL_CODE = sorted([*REPO.glob("model_repository/*/1/*.py"), *REPO.glob("ensemble/*/1/*.py")])
 CONFIGS = sorted([*REPO.glob("model_repository/*/config.pbtxt"), *REPO.glob("ensemble/*/config.pbtxt")])
@@ -177,9 +177,12 @@ def test_a_bad_value_stops_the_server_with_the_key_named(taught_export: Path, ta
     from stepaudio2.serving.launcher import ServerConfig, ServerError, TritonProcess
 
     shutil.copytree(taught_export, tmp_path / "model_repository")
+    # Only the model with the bad value is loaded: the others (vLLM's start above all) would add half a minute
+    # before Triton gives up, and change nothing here.
     cfg = ServerConfig(checkpoint=taught_checkpoint, runtime=tmp_path, grpc_port=free_port(),
                        http_port=free_port(), metrics_port=free_port(),
-                       model_parameters={"voice_prompt": {"max_voices": "lots"}})
+                       model_parameters={"voice_prompt": {"max_voices": "lots"}},
+                       extra_args=["--model-control-mode=explicit", "--load-model=voice_prompt"])
     proc = TritonProcess(cfg)
     with pytest.raises(ServerError) as err:
         proc.start(timeout_s=300)
@@ -203,7 +206,7 @@ def set_server(taught_export: Path, taught_checkpoint: Path, tmp_path_factory: p
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)
     yield cfg, sessions
-    proc.stop()
+    proc.stop(QUICK_STOP_S)
 
 
 def _served_parameters(cfg, model: str) -> dict[str, str]:

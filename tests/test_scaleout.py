@@ -24,6 +24,7 @@ from stepaudio2.speech import SpeechChunk, SpeechOutput
 
 from .conftest import (
     ASSETS,
+    QUICK_STOP_S,
     SERVE_EXTRA,
     SERVER_LLM_PARAMETERS,
     free_port,
@@ -94,7 +95,7 @@ class Cluster:
 
     def stop(self) -> None:
         for proc in self.procs.values():
-            proc.stop()
+            proc.stop(QUICK_STOP_S)
         self.redis.stop()
 
     def client(self, name: str) -> StepAudio2Client:
@@ -273,7 +274,7 @@ def test_redis_down_fails_session_requests_only(cluster) -> None:
 
 def test_remote_down_is_unavailable_and_the_front_keeps_serving_text(cluster) -> None:
     pool = f"127.0.0.1:{cluster.configs['pool'].grpc_port}"
-    cluster.procs["pool"].stop()
+    cluster.procs["pool"].stop(QUICK_STOP_S)
     with cluster.client("front_t2w") as a, cluster.client("front_llm") as b:
         with pytest.raises(ClientError) as err:
             a.generate({"task": "voice-chat", "sampling": SAMPLING}, HELLO.read_bytes(), timeout=60)

@@ -10,10 +10,6 @@ the process table for a clean stop.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -22,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import ASSETS, SERVE_EXTRA, free_port, processes_mentioning, require_module, with_export
+from .conftest import ASSETS, QUICK_STOP_S, SERVE_EXTRA, free_port, require_module, with_export
 
 require_module("pytriton", SERVE_EXTRA)
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -53,7 +49,7 @@ def small(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path_factory: 
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)
     yield cfg
-    proc.stop()
+    proc.stop(QUICK_STOP_S)
 
 
 @pytest.fixture()
@@ -198,42 +194,6 @@ def test_batching_off_on_a_live_server_runs_one_stream_per_estimator_call(small,
     assert _value(after, single) - _value(before, single) == calls  # ... and each carried one stream
 
 
-# ---- `stepaudio2 serve` and signals --------------------------------------------------------------------------
-
-
-# SIGTERM: the same checks on the supervised server at the end of tests/test_reliability_serving.py.
-@pytest.mark.parametrize("sig", [signal.SIGINT], ids=["SIGINT"])
-def test_serve_stops_cleanly_on_a_signal(tiny_checkpoint_full: Path, tiny_full_export: Path, tmp_path: Path,
-                                         sig: signal.Signals) -> None:
-    """`stepaudio2 serve` (on the session's export: no export here) answers, then on the signal stops tritonserver
-    and every backend stub, prints `stopped` and exits 0."""
-    runtime = with_export(tmp_path / "runtime", tiny_full_export)
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", str(tiny_checkpoint_full),
-           "--runtime", str(runtime), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-           "--metrics-port", str(metrics_port), "--health-port", str(free_port()), "--no-gateway"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        lines = []
-        for line in proc.stdout:  # blocks until the launcher reports ready (or exits)
-            lines.append(line)
-            if line.startswith("ready:"):
-                break
-        assert lines and lines[-1].startswith("ready:"), "".join(lines)
-        with StepAudio2Client(f"127.0.0.1:{grpc_port}") as c:
-            assert c.generate({"task": "chat", "text": "hi", "sampling": {"max_new_tokens": 2}})["token_ids"]
-        assert processes_mentioning(str(runtime)), "no tritonserver running from the runtime folder"
-        proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    assert proc.returncode == 0, "".join(lines) + out
-    assert out.strip().splitlines()[-1] == "stopped", out
-    assert processes_mentioning(str(runtime)) == []  # tritonserver and its Python stubs are gone
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/live", timeout=2)
-    log = (runtime / "tritonserver.log").read_text(errors="replace")
-    assert "Segmentation fault" not in log and "core dumped" not in log, log[-2000:]
+# ---- `stepaudio2 serve` and signals: SIGINT at the end of tests/test_wheel.py (serve as installed from the wheel),
+# SIGTERM at the end of tests/test_reliability_serving.py (the supervised server); each checks exit 0, "stopped",
+# no process of the runtime left, the ports closed and no crash in the log.

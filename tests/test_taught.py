@@ -30,7 +30,7 @@ from stepaudio2.pipeline import GenerationResult, ReferencePipeline
 from stepaudio2.request import request_from_json
 from stepaudio2.text import TASKS
 
-from .conftest import SERVE_EXTRA, free_port, require_module
+from .conftest import QUICK_STOP_S, SERVE_EXTRA, free_port, require_module
 
 LESSONS = lessons()
 FIELDS = ("text", "tts_text", "audio_codes", "tool_calls")
@@ -306,7 +306,7 @@ def served(runtime):
     proc = TritonProcess(cfg)
     proc.start(timeout_s=300)  # the graphs are already exported into the runtime: no export here
     yield cfg
-    proc.stop()
+    proc.stop(QUICK_STOP_S)
 
 
 @pytest.fixture()

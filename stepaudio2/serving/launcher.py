@@ -243,11 +243,13 @@ class TritonProcess:
         except OSError:
             return ""
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGINT (Triton drains in-flight requests and unloads its models, up to --exit-timeout-secs), SIGKILL of
+        the whole process group after `grace_s`, then our shared-memory regions are removed."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(20)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)

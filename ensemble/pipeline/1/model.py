@@ -29,6 +29,7 @@ from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
     bytes_values,
+    hold_until_exit,
     log_failure,
     optional_input,
     triton_error,
@@ -47,6 +48,7 @@ class TritonPythonModel:
         self.tokenizer = StepAudio2Tokenizer.from_dir(params.path("tokenizer_dir"))
         self.metrics = PipelineMetrics(pb_utils, args["model_name"])
         self.speech_metrics = SpeechDeliveryMetrics(pb_utils, args["model_name"])
+        hold_until_exit(self.metrics, self.speech_metrics)  # their teardown crashes this backend's stubs
         # Sessions and voices: files in `sessions_dir` (default, one server) or Redis (`session_store`), shared
         # by every instance (and, with Redis, every replica).
         store = open_store(params.text("session_store"), params.path("sessions_dir"),

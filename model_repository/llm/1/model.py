@@ -34,6 +34,7 @@ from stepaudio2.serving.parameters import ModelParameters  # noqa: E402
 from stepaudio2.serving.triton_utils import (  # noqa: E402
     bytes_tensor,
     bytes_value,
+    hold_until_exit,
     json_value,
     optional_input,
     required_input,
@@ -79,6 +80,7 @@ class TritonPythonModel:
         self.metrics = LLMMetrics(pb_utils, args["model_name"])
         self.metrics.slots_total.set(self.settings.max_num_seqs)
         self.vllm_metrics = VllmMetrics(pb_utils, args["model_name"], decode_batch=self.metrics.batch)
+        hold_until_exit(self.metrics, self.vllm_metrics)  # their teardown crashes this backend's stubs
         self.tracker = RequestTracker(self.settings.max_num_seqs + self.settings.max_queue)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="llm-vllm-loop", daemon=True)

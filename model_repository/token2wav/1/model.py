@@ -17,6 +17,7 @@ from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
 from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
+    hold_until_exit,
     log_failure,
     optional_input,
     required_input,
@@ -82,6 +83,7 @@ class TritonPythonModel:
         self.flow_cfg = t2w.flow.cfg
         self._warm(t2w, self.flow_cfg)
         self.metrics = Token2WavMetrics(pb_utils, args["model_name"])
+        hold_until_exit(self.metrics)  # its teardown crashes this backend's stubs
         self.scheduler = SynthesisScheduler(
             t2w,
             batching=params.flag("batching"),
