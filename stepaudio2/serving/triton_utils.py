@@ -105,7 +105,6 @@ def _failure_logger() -> logging.Logger:
     return logger
 
 
-
 _HELD_UNTIL_EXIT: list[Any] = []
 
 
@@ -113,10 +112,9 @@ def hold_until_exit(*metrics: Any) -> None:
     """For a model's custom metrics: keep them alive for the stub's whole life and let the stub exit without
     tearing its interpreter down. This Python backend destroys metric families after its shared memory is gone,
     whether they die with the model object (after `finalize`) or in the interpreter's teardown, and the stub then
-    dies of SIGSEGV (`MetricFamily::SaveToSharedMemory`), spending about a second printing a symbolized stack:
-    with 16 pipeline stubs every server stop waited out tritonserver's whole exit timeout (10 s). Held here, they
-    are never destroyed, and the exit hook (run first in the teardown, after the stub's last message to the
-    server) ends the process at once."""
+    died of SIGSEGV (`MetricFamily::SaveToSharedMemory`) on every server stop: a crash report per stub in the
+    server's log and the kernel's. Held here, they are never destroyed, and the exit hook (run first in the
+    teardown, after the stub's last message to the server) ends the process at once."""
     import atexit
     import os
 
