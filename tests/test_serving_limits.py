@@ -1,11 +1,10 @@
 """README claims about limits, checked on a real tritonserver over real gRPC with small bounds set through the
 models' config parameters (ServerConfig.model_parameters): server-held sessions bounded (least recently used
 out) and expiring; a full token2wav answering UNAVAILABLE (raw and through the pipeline) and a failed request
-leaving no synthesis stream behind; token2wav's `batching` switch off on a live server; `stepaudio2 serve`
-stopping cleanly on SIGINT and SIGTERM.
+leaving no synthesis stream behind; token2wav's `batching` switch off on a live server. (`stepaudio2 serve`
+stopping cleanly: SIGINT in tests/test_wheel.py, SIGTERM in tests/test_reliability_serving.py.)
 
-Oracles: the parameters themselves (bound, TTL, stream limit), the in-process reference pipeline for audio, and
-the process table for a clean stop.
+Oracles: the parameters themselves (bound, TTL, stream limit) and the in-process reference pipeline for audio.
 """
 
 from __future__ import annotations
