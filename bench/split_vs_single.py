@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import checkpoint  # noqa: E402
 from speech_streams import _cell, _port, run_level  # noqa: E402
 
+POOL_STAGES = ("llm", "token2wav", "voice_prompt")  # the stages a front can reach on a pool
 _EXPORTS: dict[Path, Path] = {}
 
 
@@ -97,8 +98,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--remote", nargs="+", default=["llm", "token2wav", "voice_prompt"],
-                    choices=["llm", "token2wav", "voice_prompt"])
+    ap.add_argument("--remote", nargs="+", default=list(POOL_STAGES), choices=POOL_STAGES)
     args = ap.parse_args()
     ckpt = checkpoint(args.preset)
     ttfa: dict[str, dict[int, dict[str, list[float]]]] = {}
@@ -115,7 +115,7 @@ def main() -> None:
 
     redis_proc, redis_url = _redis()
     try:
-        local = [m for m in ("llm", "token2wav", "voice_prompt") if m not in args.remote]
+        local = [m for m in POOL_STAGES if m not in args.remote]
         pool_cfg, pool = _server(ckpt, list(args.remote), {}, None)
         pool.start()
         address = f"127.0.0.1:{pool_cfg.grpc_port}"

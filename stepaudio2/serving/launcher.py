@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -122,6 +123,12 @@ def prepare_runtime(cfg: ServerConfig) -> tuple[Path, Path]:
     return stages, pipelines
 
 
+# Held while we write executables and while we spawn tritonserver. Servers started from several threads at once
+# (tests/test_scaleout.py) failed with ETXTBSY: a child forked by one thread inherited another thread's still-open
+# write descriptor of the tritonserver binary it had just copied, and exec of that binary was refused.
+_SPAWN_LOCK = threading.Lock()
+
+
 def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
     """tritonserver from the nvidia-pytriton wheel, with the Python backend stub of this interpreter."""
     try:
@@ -135,9 +142,10 @@ def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
     stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version}")
-    if not (dst / "bin" / "tritonserver").is_file():
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("python_backend_stubs"), dirs_exist_ok=True)
-        shutil.copy2(stub, dst / "backends" / "python" / "triton_python_backend_stub")
+    with _SPAWN_LOCK:
+        if not (dst / "bin" / "tritonserver").is_file():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("python_backend_stubs"), dirs_exist_ok=True)
+            shutil.copy2(stub, dst / "backends" / "python" / "triton_python_backend_stub")
     # Pitfall P1: the stub must load this interpreter's libpython, not the system one.
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env = {
@@ -202,7 +210,9 @@ class TritonProcess:
         cmd, env = server_command(self.cfg, stages, pipelines)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        with _SPAWN_LOCK:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.wait_ready(timeout_s)
 
     @property
