@@ -6,9 +6,8 @@ with the embedded store vs Redis (a real redis-server on a free port).
     .venv/bin/python bench/split_vs_single.py [--preset small] [--tokens 160] [--levels 1 8] [--runs 3] [--turns 10]
         [--remote llm token2wav voice_prompt]
 
-`--remote` names the stages the front reaches on the pool (the rest stay on the front, over BLS). With all three
-remote, this Triton's front crashes within tens of streams (README, "Split vs single benchmark"); one stage remote
-measures that hop alone.
+`--remote` names the stages the front reaches on the pool (the rest stay on the front, over BLS; default: all
+three, the split chart's layout); one stage remote measures that hop alone.
 
 TTFA as in bench/speech_streams.py (client side: first audio chunk received - request sent). Turn-2 latency:
 wall time of one follow-up request (`session_id` + `text`, 4 new tokens, text reply) after a first turn.

@@ -420,7 +420,9 @@ def test_full_gateway_answers_429(served, tmp_path, long_seed) -> None:  # noqa:
 
 def test_full_triton_answers_429_server_full(server, tmp_path) -> None:
     """Triton itself full (the session server's llm: 8 running + 4 waiting, SERVER_LLM_PARAMETERS): the gateway
-    turns the pipeline's UNAVAILABLE into 429 `server_full` with Retry-After, and serves again once the load left."""
+    turns the pipeline's UNAVAILABLE into 429 `server_full` with Retry-After, and serves again once the load left.
+    The fill requests sample at temperature 1, so one may hit a stop id and free its slot before the chat arrives;
+    only then is the attempt repeated with a fresh fill (a chat served while every fill still ran fails the test)."""
     import tritonclient.grpc as grpcclient
 
     from .conftest import SERVER_LLM_PARAMETERS
@@ -428,29 +430,47 @@ def test_full_triton_answers_429_server_full(server, tmp_path) -> None:
 
     running, waiting = int(SERVER_LLM_PARAMETERS["max_num_seqs"]), int(SERVER_LLM_PARAMETERS["max_queue"])
     gw = _gateway(f"127.0.0.1:{server.grpc_port}", tmp_path)
-    g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
-    errors: list = []
-    g.start_stream(callback=lambda result, error: error is not None and errors.append(error))
     try:
-        for i in range(running + waiting):  # long raw llm requests take every slot and every queue place
-            g.async_stream_infer("llm", _llm_inputs(4000, seed=i), request_id=f"fill{i}")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (
-                _triton_metric(server, 'vllm:num_requests_running{model="llm"}', required=True) != running
-                or _triton_metric(server, 'vllm:num_requests_waiting{model="llm"}', required=True) != waiting):
-            time.sleep(0.2)
-        assert not errors, [e.message() for e in errors]
         req = urllib.request.Request(f"{gw.url}/v1/chat/completions", data=_chat_body(),
                                      headers={"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(req, timeout=60)
-        body = json.loads(refused.value.read())
-        assert refused.value.code == 429 and body["error"]["code"] == "server_full", body
-        assert refused.value.headers["Retry-After"] == "1"
-    finally:
-        g.stop_stream(cancel_requests=True)  # the load leaves: the llm aborts its vLLM requests
-        g.close()
-    try:
+        refused = None
+        for attempt in range(3):
+            g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+            errors: list = []
+            ended: list = []  # fill requests that finished (a stop id): the server was not full for the whole attempt
+
+            def on_response(result, error, errors=errors, ended=ended) -> None:
+                if error is not None:
+                    errors.append(error)
+                elif result.get_response().parameters["triton_final_response"].bool_param:
+                    ended.append(result.get_response().id)
+
+            g.start_stream(callback=on_response)
+            try:
+                for i in range(running + waiting):  # long raw llm requests take every slot and every queue place
+                    g.async_stream_infer("llm", _llm_inputs(4000, seed=100 * attempt + i), request_id=f"fill{i}",
+                                         enable_empty_final_response=True)
+                deadline = time.monotonic() + 60
+                while not ended and time.monotonic() < deadline and (
+                        _triton_metric(server, 'vllm:num_requests_running{model="llm"}', required=True) != running
+                        or _triton_metric(server, 'vllm:num_requests_waiting{model="llm"}', required=True) != waiting):
+                    time.sleep(0.2)
+                assert not errors, [e.message() for e in errors]
+                assert ended or time.monotonic() < deadline, "the llm never reached 8 running + 4 waiting"
+                try:
+                    urllib.request.urlopen(req, timeout=60)
+                except urllib.error.HTTPError as exc:
+                    refused = exc
+                ended_by_then = list(ended)  # before the fill is cancelled below
+            finally:
+                g.stop_stream(cancel_requests=True)  # the load leaves: the llm aborts its vLLM requests
+                g.close()
+            if refused is not None or not ended_by_then:
+                break
+        assert refused is not None, "a chat was served while every fill request still held its place"
+        body = json.loads(refused.read())
+        assert refused.code == 429 and body["error"]["code"] == "server_full", body
+        assert refused.headers["Retry-After"] == "1"
         deadline = time.monotonic() + 30
         while _triton_metric(server, 'vllm:num_requests_running{model="llm"}') and time.monotonic() < deadline:
             time.sleep(0.2)

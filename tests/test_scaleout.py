@@ -237,15 +237,18 @@ def test_voice_registered_on_one_replica_is_used_on_another(cluster) -> None:
     assert not np.allclose(again["pcm"], default["pcm"], atol=ALONE_TOL)
 
 
-@pytest.mark.parametrize(("front", "gauge"), [("front_t2w", T2W_ACTIVE), ("front_llm", LLM_ACTIVE)])
-def test_cancelled_stream_frees_the_remote_state(cluster, front: str, gauge: str) -> None:
+@pytest.mark.parametrize(("front", "gauge", "held_from"), [
+    ("front_t2w", T2W_ACTIVE, ("audio",)),  # the remote token2wav stream opens with the first audio chunk
+    ("front_llm", LLM_ACTIVE, ("text", "audio_codes")),  # the remote llm sequence runs from the first token on
+])
+def test_cancelled_stream_frees_the_remote_state(cluster, front: str, gauge: str, held_from: tuple) -> None:
     with cluster.client(front) as client:
         stream = client.stream({"task": "voice-chat", "sampling": {"max_new_tokens": 2000}}, HELLO.read_bytes())
         for event in stream:
-            if event["type"] == "audio":
+            if event["type"] in held_from:
                 break
         else:
-            pytest.fail("no audio before the end")
+            pytest.fail(f"no {held_from[0]} event before the end")
         assert _value(cluster.metrics("pool"), gauge) == 1  # the remote holds this stream's state now
         stream.close()
         text = ""
@@ -273,8 +276,24 @@ def test_redis_down_fails_session_requests_only(cluster) -> None:
 
 
 def test_remote_down_is_unavailable_and_the_front_keeps_serving_text(cluster) -> None:
+    """The pool goes down while `front_llm` is speaking a reply (its token2wav stream open, its llm on the pool):
+    the client gets UNAVAILABLE, and the failed reply releases its local token2wav stream (README: "released ...
+    on error"). Then new requests to the pool's stages are UNAVAILABLE and text-only requests still work."""
     pool = f"127.0.0.1:{cluster.configs['pool'].grpc_port}"
-    cluster.procs["pool"].stop(QUICK_STOP_S)
+    with cluster.client("front_llm") as b:
+        speaking = b.stream({"task": "voice-chat", "sampling": {"max_new_tokens": 2000}}, HELLO.read_bytes())
+        for event in speaking:
+            if event["type"] == "audio":
+                break
+        else:
+            pytest.fail("no audio before the end")
+        assert _value(cluster.metrics("front_llm"), T2W_ACTIVE) == 1
+        cluster.procs["pool"].stop(QUICK_STOP_S)
+        with pytest.raises(ClientError) as err:
+            for event in speaking:
+                assert event["type"] != "result", "the reply finished before the pool went down"
+        assert err.value.status == "UNAVAILABLE" and "llm" in err.value.message and pool in err.value.message, err.value
+        assert _value(cluster.metrics("front_llm"), T2W_ACTIVE) == 0  # released before the error was sent
     with cluster.client("front_t2w") as a, cluster.client("front_llm") as b:
         with pytest.raises(ClientError) as err:
             a.generate({"task": "voice-chat", "sampling": SAMPLING}, HELLO.read_bytes(), timeout=60)

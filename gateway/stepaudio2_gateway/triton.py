@@ -1,6 +1,7 @@
 """Triton's `pipeline` over gRPC streaming, asynchronously (tritonclient's aio client): one stream per request,
-cancelled (which frees the LLM slot and the token2wav stream on the server) when the caller stops iterating:
-timeout, client disconnect, a stop string, or an error.
+cancelled (which frees the LLM slot and the token2wav stream on the server) when the caller stops iterating
+before the result: timeout, client disconnect, a stop string, or an error. A stream whose result arrived closes
+normally.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from stepaudio2_client.client import RECONNECT_BACKOFF, error_from, request_inputs
 from stepaudio2_gateway.errors import GRPC_TO_HTTP, APIError
+
+COMPLETE_CLOSE_S = 5.0  # how long a stream whose result arrived may take to close before it is cancelled
 
 
 class TritonDown(APIError):
@@ -76,6 +79,7 @@ class TritonPipeline:
             await done.wait()  # keep the request side open until the reply is complete or abandoned
 
         stream = self.client.stream_infer(requests())
+        complete = False
         try:
             async for result, error in stream:
                 if error is not None:
@@ -86,8 +90,11 @@ class TritonPipeline:
                 event = json.loads(out.reshape(-1)[0])
                 if event.get("type") == "audio":
                     event["pcm"] = np.asarray(result.as_numpy("audio_chunk"), dtype=np.float32).reshape(-1)
+                if event.get("type") == "result":  # the last event: the request side closes now
+                    complete = True
+                    done.set()
                 yield event
-                if event.get("type") == "result":
+                if complete:
                     return
             raise APIError(502, "the inference server closed the stream without a result", code="bad_gateway")
         except grpc.RpcError as exc:
@@ -97,7 +104,8 @@ class TritonPipeline:
             raise APIError(502, f"gRPC error from the inference server: {code}", code="bad_gateway") from exc
         finally:
             done.set()
-            stream.cancel()  # no-op when the server already ended the stream; otherwise frees its work
+            await _end(stream, cancel=not complete)
+
 
     async def register_voice(self, wav: bytes) -> str:
         """Check a reference wav with the `voice_prompt` model; returns its server-side voice id."""
@@ -110,3 +118,18 @@ class TritonPipeline:
                 raise TritonDown(str(exc)) from exc
             raise api_error(exc) from exc
         return result.as_numpy("voice_id").reshape(-1)[0].decode()
+
+
+async def _end(stream: Any, cancel: bool) -> None:
+    """Cancel an abandoned stream (frees its work on the server); let a complete one finish by itself. Triton
+    2.51's gRPC stream handler can crash when a cancel meets the end of a request it has just answered (fixed in
+    later releases: triton-inference-server/server#7840, #8078), so a complete reply is never cancelled."""
+    if not cancel:
+        try:
+            async with asyncio.timeout(COMPLETE_CLOSE_S):
+                async for _ in stream:  # nothing more comes: this waits for the server to close the stream
+                    pass
+            return
+        except (TimeoutError, grpc.RpcError, InferenceServerException):
+            pass  # a server that does not close it in time: cancel after all
+    stream.cancel()

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from stepaudio2.serving.health import (
@@ -36,6 +37,7 @@ from stepaudio2.serving.topology import FRONT_MODELS
 
 log = logging.getLogger("stepaudio2.supervisor")
 
+PROCESS_POLL_S = 0.25  # how often stubs are looked for while an end-to-end check runs
 STUB_COMM = "triton_python_b"  # /proc/<pid>/comm of triton_python_backend_stub (truncated to 15 characters)
 _INSTANCE = re.compile(rb"^[A-Za-z0-9_.-]+_\d+_\d+$")  # Triton's instance names: <model>_<group>_<index>
 
@@ -198,8 +200,8 @@ class Supervisor:
                 for action in ("unload", "load"):
                     req = urllib.request.Request(f"{base}/{action}", data=b"{}", method="POST",
                                                  headers={"Content-Type": "application/json"})
-                    with urllib.request.urlopen(req, timeout=self.reload_timeout_s) as resp:
-                        resp.read()
+                    self.while_server_runs(lambda req=req: urllib.request.urlopen(req, timeout=self.reload_timeout_s)
+                                           .read())
             except Exception as exc:
                 log.error("reload of %s failed after %.1f s: %s: %s", model, time.perf_counter() - t0,
                           type(exc).__name__, exc)
@@ -216,6 +218,30 @@ class Supervisor:
             return False
         with ThreadPoolExecutor(max(1, len(fronts))) as pool:
             return all(list(pool.map(one, fronts)))
+
+    def while_server_runs(self, call):
+        """`call()`'s result, unless tritonserver exits first (ServerError at once). A reload request to a server
+        that died under it (its Python backend aborted while the callers' stubs were killed) otherwise waited
+        for its whole timeout (120 s) before the restart began."""
+        result: list = []
+
+        def run() -> None:
+            try:
+                result.append((call(), None))
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller below)
+                result.append((None, exc))
+
+        thread = threading.Thread(target=run, name="supervisor-call", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(PROCESS_POLL_S)
+            proc = self.server.proc
+            if thread.is_alive() and (proc is None or proc.poll() is not None):
+                raise ServerError(f"tritonserver exited ({None if proc is None else proc.returncode})")
+        value, error = result[0]
+        if error is not None:
+            raise error
+        return value
 
     def llm_stuck(self, dead_models: list[str]) -> bool:
         """After a caller of the LLM died mid-stream, this Triton's LLM can block for ever sending to it (its one
@@ -361,14 +387,36 @@ class Supervisor:
             return "stub process died: " + ", ".join(f"{n} (pid {p})" for p, n in gone.items()), models
         return None
 
+    def checked(self, pool: ThreadPoolExecutor) -> tuple[HealthReport | None, tuple[str, list[str]] | None]:
+        """(end-to-end report, None), or (None, process problem) when one shows up while the check runs: a dead
+        stub can hold the check for its whole deadline (e.g. the LLM blocked on a dead caller), and is acted on
+        at once instead. An abandoned check ends by its own deadline on `pool`'s thread."""
+        future = pool.submit(self.check.run)
+        while True:
+            try:
+                return future.result(timeout=PROCESS_POLL_S), None
+            except FutureTimeout:
+                found = self.process_problem()
+                if found:
+                    return None, found
+
     def watch(self, stopping: threading.Event) -> int:
         """Check until `stopping` is set (returns 0) or the restart budget is spent (returns 1)."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="end-to-end-check")
+        try:
+            return self._watch(stopping, pool)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _watch(self, stopping: threading.Event, pool: ThreadPoolExecutor) -> int:
         failures = 0
         while not stopping.wait(self.interval_s):
             found = self.process_problem()
+            report = None
+            if found is None:
+                report, found = self.checked(pool)
             problem, dead_models = found if found else (None, [])
             if problem is None:
-                report = self.check.run()
                 self.state.set(report)
                 if report.ok:
                     failures = 0

@@ -126,3 +126,39 @@ def hold_until_exit(*metrics: Any) -> None:
 
         atexit.register(leave)
     _HELD_UNTIL_EXIT.extend(metrics)
+
+
+class RequestWorker:
+    """One thread that serves a model instance's requests in arrival order, so `execute` can hand a request over
+    and return at once (decoupled models, and the default mode through the response sender). Used by `pipeline`
+    and `generate` in a front whose stages are remote.
+
+    Why: while `execute` runs, this Python backend's server process checks the stub's heartbeat every second. In
+    split fronts on our 2-core VM (where a thread sleeping 0.3 s woke up to 0.5 s late) it declared live, busy
+    `pipeline` stubs dead ("Stub process '...' is not healthy"), answered their requests with that error, then
+    crashed (SIGSEGV in TRITONBACKEND_ResponseSend) when the stub's next response for the released request
+    arrived. Handed over, a request is exposed to that check for the milliseconds `execute` takes, not for the
+    whole reply. The price: if the stub dies, its requests get no error (the server no longer waits on them) and
+    their clients wait for their own deadline; served in `execute` (one server), they fail at once. All of the
+    instance's talk with the server (responses, BLS, metrics) stays on this one thread."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        import queue
+        import threading
+
+        self._handle = handle
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, *job: Any) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._handle(*job)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Serve what is queued, then stop."""
+        self._jobs.put(None)
+        self._thread.join(timeout_s)

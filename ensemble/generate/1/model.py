@@ -14,6 +14,7 @@ from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.remote_stages import stages_from_parameters
 from stepaudio2.serving.served_request import serve_request
 from stepaudio2.serving.triton_utils import (
+    RequestWorker,
     bytes_tensor,
     bytes_value,
     bytes_values,
@@ -45,26 +46,50 @@ class TritonPythonModel:
             max_text_chars=params.integer("max_text_chars", minimum=1),
             max_new_tokens=params.integer("max_new_tokens", minimum=1),
         )
+        # A front with remote stages serves on a worker thread (`RequestWorker` says why); one server, in
+        # `execute`, so a stub that dies fails its request at once.
+        split = any(address.strip() for address in remotes.values())
+        self.worker = RequestWorker(self._handle, "generate-requests") if split else None
 
-    def execute(self, requests: list) -> list:
-        responses = []
+    def execute(self, requests: list) -> None:
+        """Answer each request through its response sender, here or on the worker thread. Inputs are read here
+        either way: their shared memory belongs to this call."""
         for request in requests:
-            pcm: list[np.ndarray] = []
             try:
-                obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
-                clips = bytes_values(optional_input(pb_utils, request, "audio"))
-                check_request(obj, clips, None, self.limits)
-                payload = serve_request(
-                    self.tokenizer, self.stages, obj, clips, None,
-                    lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
-                    is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
-                )
-                audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    bytes_tensor(pb_utils, "result", json.dumps(payload, ensure_ascii=False)),
-                    pb_utils.Tensor("audio_out", audio.astype(np.float32)),
-                ]))
-            except Exception as exc:
-                log_failure(pb_utils, "generate", request, exc)
-                responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
-        return responses
+                inputs = (bytes_value(optional_input(pb_utils, request, "request")),
+                          bytes_values(optional_input(pb_utils, request, "audio")))
+            except Exception as exc:  # noqa: BLE001 (answered like every other error)
+                inputs = exc
+            job = (request, request.get_response_sender(), inputs)
+            if self.worker is None:
+                self._handle(*job)
+            else:
+                self.worker.submit(*job)
+        return None
+
+    def _handle(self, request, sender, inputs: tuple | Exception) -> None:
+        pcm: list[np.ndarray] = []
+        try:
+            if isinstance(inputs, Exception):
+                raise inputs
+            raw, clips = inputs
+            obj = parse_request(raw, self.limits)
+            check_request(obj, clips, None, self.limits)
+            payload = serve_request(
+                self.tokenizer, self.stages, obj, clips, None,
+                lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
+                is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
+            )
+            audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+            response = pb_utils.InferenceResponse(output_tensors=[
+                bytes_tensor(pb_utils, "result", json.dumps(payload, ensure_ascii=False)),
+                pb_utils.Tensor("audio_out", audio.astype(np.float32)),
+            ])
+        except Exception as exc:
+            log_failure(pb_utils, "generate", request, exc)
+            response = pb_utils.InferenceResponse(error=triton_error(pb_utils, exc))
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self) -> None:
+        if self.worker is not None:
+            self.worker.close()

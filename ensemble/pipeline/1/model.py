@@ -1,9 +1,9 @@
 """Triton adapter for the streaming pipeline: runs `serve_request` (the core `run_pipeline` flow with the
 audio_encoder, llm, voice_prompt and token2wav stages reached over BLS, or over gRPC where a `remote_<stage>`
 parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. Each instance
-(a process) serves one request at a time on its own thread: the Python backend of this Triton version crashed
-when several threads of one stub talked to the server at once, so concurrency comes from `instance_group` count
-(Triton routes each new request to a free instance)."""
+(a process) serves one request at a time on one thread (in `execute`, or on a `RequestWorker` in a front with
+remote stages): the Python backend of this Triton version crashed when several threads of one stub talked to the
+server at once, so concurrency comes from `instance_group` count."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from stepaudio2.serving.sessions import SessionStore
 from stepaudio2.serving.shared_voices import SharedVoiceStages
 from stepaudio2.serving.speech_route import SpeechRoute
 from stepaudio2.serving.triton_utils import (
+    RequestWorker,
     bytes_tensor,
     bytes_value,
     bytes_values,
@@ -61,6 +62,10 @@ class TritonPythonModel:
         local = stages_from_parameters(BlsStages(pb_utils), remotes, params.number("remote_timeout_s", minimum=0.001))
         self.stages = SharedVoiceStages(local, store)
         self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
+        # A front with remote stages serves on a worker thread (`RequestWorker` says why); one server, in
+        # `execute`, so a stub that dies fails its request at once.
+        split = any(address.strip() for address in remotes.values())
+        self.worker = RequestWorker(self._handle, "pipeline-requests") if split else None
         # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
         self.limits = RequestLimits(
             max_request_bytes=params.integer("max_request_bytes", minimum=1),
@@ -84,35 +89,44 @@ class TritonPythonModel:
         if clock.underruns:
             self.speech_metrics.underruns.increment(clock.underruns)
 
-    def _handle(self, request, sender, arrived: float) -> None:
+    def _handle(self, request, sender, arrived: float, inputs: tuple | Exception) -> None:
         lock = self.send_lock
+        ended = False
 
         def emit(event: dict, pcm: np.ndarray | None) -> None:
+            nonlocal ended
             tensors = [bytes_tensor(pb_utils, "event", json.dumps(event, ensure_ascii=False))]
             if pcm is not None:
                 tensors.append(pb_utils.Tensor("audio_chunk", pcm))
+            # The result is the last event: it carries the FINAL flag itself, so no separate flag-only response
+            # follows it (one response callback less per request in Triton's gRPC stream handler).
+            last = event.get("type") == "result"
             with lock:
-                sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if last else 0)
+            ended = ended or last
 
         try:
-            obj = parse_request(bytes_value(optional_input(pb_utils, request, "request")), self.limits)
-            clips = bytes_values(optional_input(pb_utils, request, "audio"))
-            voice = _voice_bytes(optional_input(pb_utils, request, "voice"))
+            if isinstance(inputs, Exception):
+                raise inputs
+            raw, clips, voice = inputs
+            obj = parse_request(raw, self.limits)
             check_request(obj, clips, voice, self.limits)
             serve_request(
                 self.tokenizer, self.stages, obj, clips, voice,
                 emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )
-            with lock:
-                sender.send(flags=FINAL)
+            if not ended:
+                with lock:
+                    sender.send(flags=FINAL)
         except Cancelled:
             with lock:
                 sender.send(flags=FINAL)
         except Exception as exc:
             log_failure(pb_utils, "pipeline", request, exc, arrived)
-            with lock:
-                sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+            if not ended:  # after the final result nothing more can be sent; the failure is only logged
+                with lock:
+                    sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
         finally:
             try:
                 self.speech_metrics.sessions.set(len(self.sessions))
@@ -120,9 +134,30 @@ class TritonPythonModel:
                 pass  # the store is down: session requests say so; the gauge keeps its last value
 
     def execute(self, requests: list) -> None:
+        """Serve each request here, or hand it to the worker thread and return at once. Inputs are read here
+        either way: their shared memory belongs to this call."""
+        arrived = time.perf_counter()
         for request in requests:
-            self._handle(request, request.get_response_sender(), time.perf_counter())
+            job = (request, request.get_response_sender(), arrived, _read_inputs(request))
+            if self.worker is None:
+                self._handle(*job)
+            else:
+                self.worker.submit(*job)
         return None
+
+    def finalize(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+def _read_inputs(request) -> tuple | Exception:
+    """(request JSON bytes, audio clips, voice bytes), or the error reading them (answered by the worker)."""
+    try:
+        return (bytes_value(optional_input(pb_utils, request, "request")),
+                bytes_values(optional_input(pb_utils, request, "audio")),
+                _voice_bytes(optional_input(pb_utils, request, "voice")))
+    except Exception as exc:  # noqa: BLE001 (the worker sends it as this request's error)
+        return exc
 
 
 def _voice_bytes(array: np.ndarray | None) -> bytes | None:
