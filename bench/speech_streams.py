@@ -4,7 +4,8 @@ real-time factor at 1, 4 and 8 concurrent voice-chat streams, with token2wav's c
 
     .venv/bin/python bench/speech_streams.py [--preset small] [--tokens 160] [--levels 1 4 8] [--runs 3]
 
-Definitions (client side): TTFA = first audio chunk received - request sent; RTF = (last event - request sent)
+Stream i sends clip i mod 3 with sampling seed 1000 + i, so each run and each configuration gets the same
+replies. Definitions (client side): TTFA = first audio chunk received - request sent; RTF = (last event - request sent)
 / seconds of audio received (below 1: the reply is produced faster than it plays). The server's own TTFA (request
 arrival -> first chunk sent, from the result's `audio` summary) is shown next to it: the gap is gRPC and client.
 """
@@ -38,7 +39,10 @@ def _one_stream(url: str, audio: bytes, tokens: int, out: list, i: int) -> None:
 
     with StepAudio2Client(url) as c:
         t0, first, samples, underruns, server_ttfa = time.perf_counter(), None, 0, 0, float("nan")
-        for event in c.stream({"task": "voice-chat", "sampling": {"max_new_tokens": tokens}}, audio):
+        # Seeded by stream index: every layout and run gets the same replies (unseeded, the preset's temperature
+        # moved single-stream TTFA between 0.47 and 1.03 s from run to run on one server).
+        request = {"task": "voice-chat", "sampling": {"max_new_tokens": tokens, "seed": 1000 + i}}
+        for event in c.stream(request, audio):
             if event["type"] == "audio":
                 first = first if first is not None else time.perf_counter() - t0
                 samples += event["samples"]

@@ -380,3 +380,17 @@ def test_healing_plan_after_the_llm_stub_died(tmp_path: Path) -> None:
     sup = _RecordingSupervisor(tmp_path, llm_answers=False, checks_after_reload=[True])
     assert sup.heal("stub process died: llm_0_0", ["llm"])
     assert sup.reloads == [["llm", "pipeline", "generate"]]
+
+
+@pytest.mark.parametrize("own", [None, "ACTIVE"])
+def test_server_environment_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch, tmp_path: Path,
+                                                                           own: str | None) -> None:
+    from stepaudio2.serving.launcher import ServerConfig, server_command
+
+    if own is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", own)
+    cfg = ServerConfig(checkpoint=tmp_path, runtime=tmp_path, tritonserver=Path("/usr/bin/true"))
+    _, env = server_command(cfg, tmp_path / "stages", tmp_path / "pipelines")
+    assert env["OMP_WAIT_POLICY"] == (own or "PASSIVE")

@@ -318,3 +318,52 @@ def test_client_web_search_schema_is_the_servers() -> None:
     from stepaudio2_client import WEB_SEARCH_SCHEMA
 
     assert json.dumps(WEB_SEARCH_SCHEMA, ensure_ascii=False) == json.dumps(WEB_SEARCH_TOOL, ensure_ascii=False)
+
+
+def _children() -> dict[int, list[int]]:
+    """{parent pid: [live child pids]} from /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    return children
+
+
+def test_every_server_process_lets_openmp_threads_sleep(server: ServerConfig) -> None:
+    """The launcher's OMP_WAIT_POLICY reaches tritonserver and every stub (unless the environment set its own);
+    vLLM's engine-core process (spawned by the llm stub) gets the llm's `omp_spin_count` as GOMP_SPINCOUNT."""
+    import os
+
+    from stepaudio2.serving.launcher import OMP_WAIT_POLICY
+
+    from .conftest import processes_mentioning
+
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+    def environ(pid: int) -> dict[bytes, bytes]:
+        return dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    if b"=" in item)
+
+    servers = [pid for pid in processes_mentioning(str(server.runtime))
+               if Path(f"/proc/{pid}/exe").resolve().name == "tritonserver"]
+    assert len(servers) == 1, f"expected one tritonserver of {server.runtime}, found {servers}"
+    children = _children()
+    stubs = children.get(servers[0], [])
+    llm_stubs = [pid for pid in stubs if "/llm/1/model.py" in cmdline(pid)]
+    assert len(llm_stubs) == 1 and len(stubs) > 2, [cmdline(pid)[-60:] for pid in stubs]
+    expected = os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY).encode()
+    for pid in [servers[0], *stubs]:
+        assert environ(pid).get(b"OMP_WAIT_POLICY") == expected, cmdline(pid)[-80:]
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/models/llm/config", timeout=10) as r:
+        spin = json.load(r)["parameters"]["omp_spin_count"]["string_value"]
+    # The llm stub's children: multiprocessing's resource tracker and the engine core (which renames itself).
+    engines = [pid for pid in children.get(llm_stubs[0], []) if "resource_tracker" not in cmdline(pid)]
+    assert len(engines) == 1, [cmdline(pid)[-80:] for pid in children.get(llm_stubs[0], [])]
+    assert environ(engines[0]).get(b"GOMP_SPINCOUNT") == spin.encode()
+    assert b"OMP_WAIT_POLICY" not in environ(engines[0])

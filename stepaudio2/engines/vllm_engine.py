@@ -35,6 +35,9 @@ class EngineSettings:
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     executor: str = "uni"  # "uni": the model runs in the engine-core process; "mp": in a worker process of its own
+    # The engine core's OpenMP threads spin this many times before they sleep (libgomp's GOMP_SPINCOUNT; roughly
+    # 0.1 ms for 10,000). The launcher makes every other server process sleep at once (OMP_WAIT_POLICY=PASSIVE).
+    omp_spin_count: int = 10000
     python_executable: str = ""  # written by the launcher: vLLM spawns its engine-core process with it
 
 
@@ -94,6 +97,12 @@ async def make_engine(model_dir: Path, settings: EngineSettings, stat_logger_fac
         multiprocessing.set_executable(settings.python_executable)
     # vLLM's CPU backend reads the KV space only from its environment; set it from the config parameter.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
+    # Read by the spawned engine core's libgomp at start. libgomp's default spin (300,000, about 3 ms) keeps the
+    # threads busy between decode steps and took the cores from token2wav and the stubs (a voice-chat stream's
+    # first audio came 1.5x later on one server, 2.4x in a split front); sleeping at once cost 15-30 % of vLLM's
+    # tokens/s. A short spin keeps the threads hot within a step and asleep between steps (README, "OpenMP").
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    os.environ["GOMP_SPINCOUNT"] = str(settings.omp_spin_count)
     if settings.executor == "uni":
         # vLLM's CPU platform turns a "uni" executor into "mp" (a worker process besides the engine core) unless
         # this is off; AsyncLLM still runs its engine core in a process of its own either way.

@@ -157,8 +157,17 @@ def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
     return dst / "bin" / "tritonserver", dst / "backends", env
 
 
+# OpenMP (torch's and vLLM's CPU kernels) lets idle threads spin for a while after each parallel region. The
+# server runs many processes on few cores (vLLM's engine core, a stub per model instance, Triton's own threads), and
+# spinning threads took the cores from the ones with work. Every server process sleeps at once unless the
+# environment says otherwise; vLLM's engine core gets a short spin of its own (llm `omp_spin_count`; README,
+# "OpenMP threads").
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     binary = cfg.tritonserver or (Path(shutil.which("tritonserver")) if shutil.which("tritonserver") else None)
     args: list[str] = []
     if binary is None:

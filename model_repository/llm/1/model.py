@@ -67,6 +67,7 @@ class TritonPythonModel:
             enforce_eager=params.flag("enforce_eager"),
             enable_prefix_caching=params.flag("enable_prefix_caching"),
             executor=params.choice("executor", ("uni", "mp")),
+            omp_spin_count=params.integer("omp_spin_count", minimum=0),
             python_executable=params.text("python_executable"),
         )
         self.config = load_config(version_dir)
