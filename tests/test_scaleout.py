@@ -59,6 +59,8 @@ class Cluster:
         params, args = topology(models, remotes, store)
         if "llm" in models:  # the small vLLM engine of the other serving tests (two of them run side by side here)
             params["llm"] = dict(SERVER_LLM_PARAMETERS)
+            if name == "pool":  # as an LLM pool would run: several tokens per response over the gRPC hop
+                params["llm"]["stream_interval"] = "4"
         cfg = ServerConfig(checkpoint=self.checkpoint, runtime=self.root / name, grpc_port=free_port(),
                            http_port=free_port(), metrics_port=free_port(), model_parameters=params, extra_args=args)
         self.configs[name] = cfg

@@ -38,6 +38,9 @@ class EngineSettings:
     # The engine core's OpenMP threads spin this many times before they sleep (libgomp's GOMP_SPINCOUNT; roughly
     # 0.1 ms for 10,000). The launcher makes every other server process sleep at once (OMP_WAIT_POLICY=PASSIVE).
     omp_spin_count: int = 10000
+    # Tokens per streamed response (vLLM's stream_interval; the first and the last are sent at once): fewer, larger
+    # responses cost less per token on the way to the pipeline, most where that way is a gRPC hop (an LLM pool).
+    stream_interval: int = 1
     python_executable: str = ""  # written by the launcher: vLLM spawns its engine-core process with it
 
 
@@ -123,6 +126,7 @@ async def make_engine(model_dir: Path, settings: EngineSettings, stat_logger_fac
         distributed_executor_backend=settings.executor,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         disable_log_stats=False,
+        stream_interval=settings.stream_interval,
     )
     factories = [stat_logger_factory] if stat_logger_factory else None
     return AsyncLLM.from_engine_args(args, stat_loggers=factories)

@@ -68,6 +68,7 @@ class TritonPythonModel:
             enable_prefix_caching=params.flag("enable_prefix_caching"),
             executor=params.choice("executor", ("uni", "mp")),
             omp_spin_count=params.integer("omp_spin_count", minimum=0),
+            stream_interval=params.integer("stream_interval", minimum=1),
             python_executable=params.text("python_executable"),
         )
         self.config = load_config(version_dir)
