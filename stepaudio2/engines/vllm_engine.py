@@ -103,7 +103,7 @@ async def make_engine(model_dir: Path, settings: EngineSettings, stat_logger_fac
     # Read by the spawned engine core's libgomp at start. libgomp's default spin (300,000, about 3 ms) keeps the
     # threads busy between decode steps and took the cores from token2wav and the stubs (a voice-chat stream's
     # first audio came 1.5x later on one server, 2.4x in a split front); sleeping at once cost 15-30 % of vLLM's
-    # tokens/s. A short spin keeps the threads hot within a step and asleep between steps (README, "OpenMP").
+    # tokens/s. A short spin keeps the threads hot within a step and asleep between steps (README, "OpenMP threads").
     os.environ.pop("OMP_WAIT_POLICY", None)
     os.environ["GOMP_SPINCOUNT"] = str(settings.omp_spin_count)
     if settings.executor == "uni":
