@@ -392,11 +392,14 @@ def test_timeout_is_504_and_cancels_the_triton_stream(served, tmp_path, long_see
         before = _triton_metric(served, cancelled)
         status, got = _post(f"{gw.url}/v1/chat/completions", _long_text_body(long_seed))
         assert status == 504 and got["error"]["code"] == "timeout"
+        # vLLM's running gauge follows the abort at its stat logger's next record, after our counter: wait for both.
+        running = 'vllm:num_requests_running{model="llm"}'
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _triton_metric(served, cancelled) == before:
+        while time.monotonic() < deadline and not (
+                _triton_metric(served, cancelled) > before and _triton_metric(served, running, required=True) == 0):
             time.sleep(0.2)
         assert _triton_metric(served, cancelled) == before + 1
-        assert _triton_metric(served, 'vllm:num_requests_running{model="llm"}', required=True) == 0
+        assert _triton_metric(served, running, required=True) == 0
     finally:
         gw.stop()
 
