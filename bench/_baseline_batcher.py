@@ -1,6 +1,11 @@
-"""The hand-made continuous batcher (git main's `llm` model) served on a given checkpoint, same requests as
-bench/serving_throughput.py. Run with main's own venv and PYTHONPATH=<main checkout>; prints one JSON line
-{level: [tok/s per run]}.
+"""The hand-made continuous batcher (the `llm` model before vLLM: a worktree of 887cf36) served on a given
+checkpoint, same requests as bench/serving_throughput.py; prints one JSON line {level: [tok/s per run]}. Run
+with a Python where that checkout is installed, e.g. a venv that sees this one's packages:
+
+    git worktree add ../baseline 887cf36 && python3 -m venv ../basevenv
+    echo $PWD/.venv/lib/python3.11/site-packages > ../basevenv/lib/python3.11/site-packages/main.pth
+    ../basevenv/bin/pip install setuptools==78.1.1 && ../basevenv/bin/pip install --no-deps --no-build-isolation -e ../baseline
+    .venv/bin/python bench/serving_throughput.py --baseline-python ../basevenv/bin/python --baseline-source ../baseline
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--task", choices=("chat", "asr"), default="chat")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
 
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
-    reqs = _requests(max(args.levels), args.tokens)
+    reqs = _requests(max(args.levels), args.tokens, args.task)
     cfg = ServerConfig(checkpoint=Path(args.checkpoint), runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-base-")),
                        grpc_port=_port(), http_port=_port(), metrics_port=_port())
     server = TritonProcess(cfg)

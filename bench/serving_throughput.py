@@ -2,8 +2,14 @@
 tritonserver, gRPC), TTFT p50/p95, server RSS idle and under load, and vLLM alone (in-process AsyncLLM, same
 settings, same prompts) in the same run. Medians [min .. max] of --runs runs. Real-vocabulary `small` preset.
 
-    .venv/bin/python bench/serving_throughput.py [--preset small] [--tokens 64] [--levels 1 4 16] [--runs 3]
-        [--baseline-python /work/main/.venv/bin/python --baseline-source /work/main]
+    .venv/bin/python bench/serving_throughput.py [--preset small] [--task chat|asr] [--tokens 64]
+        [--levels 1 4 16] [--runs 3] [--baseline-python /work/main/.venv/bin/python --baseline-source /work/main]
+
+--task chat (default): text prompts, so served and alone do the same model work and the ratio is what serving
+costs. --task asr: the shipped clips; served also runs the audio encoder (another model, about 60 ms of CPU per
+clip on the small preset) that alone is spared, since alone is given the finished prompt embeddings.
+TTFT: the random checkpoint's replies rarely decode to text, so no streamed event marks the first token; it is
+timed as the time to the result of the same requests capped at one new token, `level` of them sent at once.
 
 --baseline-*: also run the hand-made continuous batcher (git main's code, its own venv) on the same
 checkpoint and requests (bench/_baseline_batcher.py), for the side-by-side ratio.
@@ -36,12 +42,20 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _requests(n: int, tokens: int) -> list[tuple[dict, bytes]]:
-    """ASR requests on the shipped clips, greedy, fixed length (the random checkpoint rarely stops early;
-    tokens/s counts the tokens each request really generated)."""
+def _requests(n: int, tokens: int, task: str = "asr") -> list[tuple[dict, bytes | None]]:
+    """Greedy requests of a fixed length (the random checkpoint rarely stops early; tokens/s counts the tokens
+    each request really generated): ASR on the shipped clips, or text chat with a different question each."""
+    sampling = {"max_new_tokens": tokens}
+    if task == "chat":
+        return [({"task": "chat", "text": f"Question {i}: what is the weather like in city number {i} today?",
+                  "sampling": sampling}, None) for i in range(n)]
     assets = ROOT / "stepaudio2" / "assets"
-    return [({"task": "asr", "sampling": {"max_new_tokens": tokens}}, (assets / CLIPS[i % 3]).read_bytes())
-            for i in range(n)]
+    return [({"task": "asr", "sampling": sampling}, (assets / CLIPS[i % 3]).read_bytes()) for i in range(n)]
+
+
+def one_token(reqs: list) -> list:
+    """The same requests capped at one new token (the TTFT probe)."""
+    return [({**obj, "sampling": {**obj["sampling"], "max_new_tokens": 1}}, audio) for obj, audio in reqs]
 
 
 def _tree_rss_mib(pid: int) -> float:
@@ -63,20 +77,18 @@ def _tree_rss_mib(pid: int) -> float:
 
 
 def served(url: str, reqs: list, level: int) -> tuple[float, list[float]]:
-    """(tokens/s, per-request TTFT) for `level` concurrent streams."""
+    """(tokens/s, per-request time to the result) for `level` concurrent streams."""
     from stepaudio2_client import StepAudio2Client
 
-    counts, ttfts = [0] * level, [0.0] * level
+    counts, done = [0] * level, [0.0] * level
 
     def worker(i: int) -> None:
         obj, audio = reqs[i]
         with StepAudio2Client(url) as c:
             t0 = time.perf_counter()
             for event in c.stream(obj, audio):
-                if not ttfts[i] and event["type"] in ("text", "audio_codes"):
-                    ttfts[i] = time.perf_counter() - t0
                 if event["type"] == "result":
-                    counts[i] = len(event["token_ids"])
+                    counts[i], done[i] = len(event["token_ids"]), time.perf_counter() - t0
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(level)]
     t0 = time.perf_counter()
@@ -84,7 +96,7 @@ def served(url: str, reqs: list, level: int) -> tuple[float, list[float]]:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0), ttfts
+    return sum(counts) / (time.perf_counter() - t0), done
 
 
 def engine_prompts(ckpt: Path, reqs: list) -> list:
@@ -100,9 +112,10 @@ def engine_prompts(ckpt: Path, reqs: list) -> list:
     out = []
     for obj, audio in reqs:
         prompt = ref.build_prompt(request_from_json(obj, audio))
-        chunks = ref.backend.encode_audio(prompt.mels, prompt.mel_lengths)
+        chunks = ref.backend.encode_audio(prompt.mels, prompt.mel_lengths) if prompt.mels else []
         out.append(build_prompt_embeds(np.asarray(prompt.ids), table, table.shape[0],
-                                       np.concatenate(chunks), np.asarray(prompt.audio_spans)))
+                                       np.concatenate(chunks) if chunks else None,
+                                       np.asarray(prompt.audio_spans) if chunks else None))
     return out
 
 
@@ -148,6 +161,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--task", choices=("chat", "asr"), default="chat")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--runs", type=int, default=3)
@@ -160,12 +174,12 @@ def main() -> None:
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     ckpt = checkpoint(args.preset)
-    reqs = _requests(max(args.levels), args.tokens)
+    reqs = _requests(max(args.levels), args.tokens, args.task)
     runtime = Path(args.runtime) if args.runtime else Path(tempfile.mkdtemp(prefix="stepaudio2-bench-"))
     cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=_port(), http_port=_port(), metrics_port=_port())
     server = TritonProcess(cfg)
     server.start()
-    rows, rss = {}, {}
+    rows, rss, ttft = {}, {}, {}
     try:
         url = f"127.0.0.1:{cfg.grpc_port}"
         served(url, reqs, 1)  # warm-up (first request loads lazily initialised state)
@@ -182,6 +196,7 @@ def main() -> None:
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             rows[level] = [served(url, reqs, level) for _ in range(args.runs)]
+            ttft[level] = [t for _ in range(args.runs) for t in served(url, one_token(reqs), level)[1]]
             stop.set()
             sampler.join()
             rss[f"c={level}"] = peak[0]
@@ -201,7 +216,7 @@ def main() -> None:
     if args.baseline_python and args.baseline_source:
         out = subprocess.run(
             [args.baseline_python, str(Path(__file__).with_name("_baseline_batcher.py")), "--checkpoint", str(ckpt),
-             "--tokens", str(args.tokens), "--levels", *map(str, args.levels), "--runs", str(args.runs)],
+             "--tokens", str(args.tokens), "--task", args.task, "--levels", *map(str, args.levels), "--runs", str(args.runs)],
             env={**os.environ, "PYTHONPATH": str(Path(args.baseline_source))}, capture_output=True, text=True)
         if out.returncode == 0:
             baseline = json.loads(out.stdout.strip().splitlines()[-1])
@@ -209,18 +224,19 @@ def main() -> None:
             print(f"baseline failed (exit {out.returncode}): {out.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
 
     med = statistics.median
-    print(f"preset={args.preset} (vocab {load_config(ckpt).text.vocab_size}) tokens/request={args.tokens} "
-          f"runs={args.runs} cpus={os.cpu_count()}")
-    print("| concurrency | served tok/s | vLLM alone tok/s | served/alone | TTFT p50 s | TTFT p95 s |"
-          + (" hand-made batcher tok/s | vLLM served / batcher |" if baseline else ""))
+    print(f"preset={args.preset} (vocab {load_config(ckpt).text.vocab_size}) task={args.task} "
+          f"tokens/request={args.tokens} runs={args.runs} cpus={os.cpu_count()}")
+    print("| concurrency | served tok/s | vLLM alone tok/s | served/alone | served TTFT p50 / p95 s "
+          "| alone TTFT p50 / p95 s |" + (" hand-made batcher tok/s | vLLM served / batcher |" if baseline else ""))
     print("|---|---|---|---|---|---|" + ("---|---|" if baseline else ""))
     c1 = med(t for t, _ in rows[args.levels[0]])
     for level in args.levels:
         tps = [t for t, _ in rows[level]]
         eng = [t for t, _ in alone[level]]
-        ttft = [x for _, tt in rows[level] for x in tt]
+        first = [x for _, tt in alone[level] for x in tt]
         line = (f"| {level} | {summary(tps)} | {summary(eng)} | {med(tps) / med(eng):.2f} | "
-                f"{pct(ttft, 0.5):.3f} | {pct(ttft, 0.95):.3f} |")
+                f"{pct(ttft[level], 0.5):.3f} / {pct(ttft[level], 0.95):.3f} | "
+                f"{pct(first, 0.5):.3f} / {pct(first, 0.95):.3f} |")
         if baseline:
             b = baseline[str(level)]
             line += f" {summary(b)} | {med(tps) / med(b):.2f} |"
@@ -231,6 +247,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"served": {k: [t for t, _ in v] for k, v in rows.items()},
+                                               "served_ttft": ttft,
                                                "alone": {k: [t for t, _ in v] for k, v in alone.items()},
                                                "baseline": baseline, "rss_mib": rss}, indent=2))
 

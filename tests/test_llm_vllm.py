@@ -11,7 +11,12 @@ import uuid
 import numpy as np
 import pytest
 
-from stepaudio2.engines.vllm_engine import EngineSettings, RequestTracker, build_prompt_embeds
+from stepaudio2.engines.vllm_engine import (
+    EngineSettings,
+    RequestTracker,
+    build_prompt_embeds,
+    tokens_per_response,
+)
 from stepaudio2.errors import InvalidInputError, QueueFullError
 
 from .conftest import REPO, SERVER_LLM_PARAMETERS
@@ -63,6 +68,72 @@ def test_request_tracker_capacity_and_cancel() -> None:
     t.admit("c")  # finishing "a" freed its place
 
 
+def test_tokens_per_response_grows_with_the_live_requests() -> None:
+    # 4 responses per engine step in all: one token each up to 4 live requests, then ceil(live / 4).
+    assert [tokens_per_response(n, 4) for n in (0, 1, 4, 5, 8, 9, 16, 64)] == [1, 1, 1, 2, 2, 3, 4, 16]
+    assert [tokens_per_response(n, 0) for n in (1, 16, 64)] == [1, 1, 1]  # 0: every token as it comes
+    t = RequestTracker(capacity=4)
+    for rid in ("a", "b", "c"):
+        t.admit(rid)
+    t.start("a", None)
+    t.start("b", None)
+    assert t.live == 2  # started, not merely admitted
+    t.finish("a")
+    assert t.live == 1
+
+
+class _Recorder:
+    """A pb_utils metric family that records every call its metrics make (each is a round trip in a stub)."""
+
+    GAUGE = COUNTER = HISTOGRAM = "kind"
+    calls: list = []  # cleared in place: the metrics hold this list
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name = name
+
+    def Metric(self, labels: dict, buckets: list | None = None):  # noqa: N802 (pb_utils' name)
+        family, calls = self.name, self.calls
+
+        class _Metric:
+            def set(self, v):
+                calls.append((family, "set", v))
+
+            def increment(self, v):
+                calls.append((family, "increment", v))
+
+            def observe(self, v):
+                calls.append((family, "observe", v))
+
+        return _Metric()
+
+
+def test_vllm_metrics_send_only_what_changed() -> None:
+    """Every engine step calls record(); unchanged gauges and counters that did not move cost no round trip."""
+    from types import SimpleNamespace
+
+    from stepaudio2.serving.metrics import VllmMetrics
+
+    _Recorder.calls.clear()
+    m = VllmMetrics(SimpleNamespace(MetricFamily=_Recorder), "llm")
+    sched = SimpleNamespace(num_running_reqs=3, num_waiting_reqs=0, kv_cache_usage=0.25, prefix_cache_stats=None)
+    step = SimpleNamespace(num_prompt_tokens=0, num_generation_tokens=3, num_preempted_reqs=0,
+                           time_to_first_tokens_iter=[], inter_token_latencies_iter=[0.05, 0.05, 0.06],
+                           finished_requests=[])
+    m.record(sched, step)
+    first = list(_Recorder.calls)
+    assert ("vllm:num_requests_running", "set", 3) in first and ("vllm:kv_cache_usage_perc", "set", 0.25) in first
+    assert ("vllm:generation_tokens_total", "increment", 3) in first
+    assert not [c for c in first if c[0] in ("vllm:prompt_tokens_total", "vllm:num_preemptions_total")]
+    assert [c for c in first if c[0] == "vllm:inter_token_latency_seconds"] == [
+        ("vllm:inter_token_latency_seconds", "observe", v) for v in (0.05, 0.05, 0.06)]
+    _Recorder.calls.clear()
+    m.record(sched, step)  # the same state again: only the per-step counters and observations are sent
+    assert {c[0] for c in _Recorder.calls} == {"vllm:generation_tokens_total", "vllm:inter_token_latency_seconds"}
+    _Recorder.calls.clear()
+    m.record(SimpleNamespace(**{**vars(sched), "num_running_reqs": 0}), None)
+    assert _Recorder.calls == [("vllm:num_requests_running", "set", 0)]
+
+
 # ---- served -------------------------------------------------------------------------------------------------
 
 pytest.importorskip("pytriton", reason="serving tests need the 'serve' extra (nvidia-pytriton)")
@@ -103,6 +174,49 @@ def _llm_inputs(max_new_tokens: int, seed: int) -> list:
         t.set_data_from_numpy(value)
         inputs.append(t)
     return inputs
+
+
+def test_many_live_requests_share_fewer_larger_responses(server) -> None:
+    """8 live requests (llm `responses_per_step` 4): the first token of each goes alone, later responses carry
+    about two tokens each, and every stream's tokens are those of the same request run alone."""
+    n, length = 8, 40
+    results: dict[str, list[np.ndarray]] = {}
+    errors: list = []
+    lock = threading.Lock()
+
+    def collect(result, error):
+        with lock:
+            if error is not None:
+                errors.append(error)
+                return
+            tokens = result.as_numpy("token_ids").reshape(-1)
+            if tokens.size:  # the final response carries only the finish reason
+                results.setdefault(result.get_response().id, []).append(tokens)
+
+    def run(prefix: str, seeds: list[int]) -> None:
+        g = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+        g.start_stream(callback=collect)
+        try:
+            for seed in seeds:  # back to back on one stream: all are live long before any could finish
+                g.async_stream_infer("llm", _llm_inputs(length, seed=seed), request_id=f"{prefix}{seed}")
+        finally:
+            g.stop_stream()  # returns once every request has sent its final response
+            g.close()
+
+    for seed in (0, 1):
+        run("alone", [seed])
+    run("batch", list(range(n)))
+    assert not errors, [e.message() for e in errors]
+    batched = {rid: parts for rid, parts in results.items() if rid.startswith("batch")}
+    assert len(batched) == n
+    for rid, parts in batched.items():
+        assert parts[0].size == 1, (rid, [p.size for p in parts])  # the first token is never held back (TTFT)
+    for seed in (0, 1):
+        np.testing.assert_array_equal(np.concatenate(batched[f"batch{seed}"]), np.concatenate(results[f"alone{seed}"]))
+    tokens = sum(np.concatenate(parts).size for parts in batched.values())
+    responses = sum(len(parts) for parts in batched.values())
+    # One token per response would make these equal; ceil(8 / 4) = 2 tokens per response makes it about half.
+    assert responses <= 0.7 * tokens, (responses, tokens)
 
 
 def test_full_engine_answers_unavailable_and_keeps_serving(server, client) -> None:

@@ -385,12 +385,15 @@ def test_healing_plan_after_the_llm_stub_died(tmp_path: Path) -> None:
 @pytest.mark.parametrize("own", [None, "ACTIVE"])
 def test_server_environment_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch, tmp_path: Path,
                                                                            own: str | None) -> None:
+    """OpenMP threads sleep at once and numpy's BLAS keeps one thread, unless the environment set its own."""
     from stepaudio2.serving.launcher import ServerConfig, server_command
 
-    if own is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", own)
+    for name, value in (("OMP_WAIT_POLICY", own), ("OPENBLAS_NUM_THREADS", own and "2")):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     cfg = ServerConfig(checkpoint=tmp_path, runtime=tmp_path, tritonserver=Path("/usr/bin/true"))
     _, env = server_command(cfg, tmp_path / "stages", tmp_path / "pipelines")
     assert env["OMP_WAIT_POLICY"] == (own or "PASSIVE")
+    assert env["OPENBLAS_NUM_THREADS"] == ("2" if own else "1")

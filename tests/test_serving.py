@@ -334,11 +334,12 @@ def _children() -> dict[int, list[int]]:
 
 
 def test_every_server_process_lets_openmp_threads_sleep(server: ServerConfig) -> None:
-    """The launcher's OMP_WAIT_POLICY reaches tritonserver and every stub (unless the environment set its own);
+    """The launcher's OMP_WAIT_POLICY and OPENBLAS_NUM_THREADS reach tritonserver and every stub (unless the
+    environment set its own);
     vLLM's engine-core process (spawned by the llm stub) gets the llm's `omp_spin_count` as GOMP_SPINCOUNT."""
     import os
 
-    from stepaudio2.serving.launcher import OMP_WAIT_POLICY
+    from stepaudio2.serving.launcher import OMP_WAIT_POLICY, OPENBLAS_NUM_THREADS
 
     from .conftest import processes_mentioning
 
@@ -357,8 +358,10 @@ def test_every_server_process_lets_openmp_threads_sleep(server: ServerConfig) ->
     llm_stubs = [pid for pid in stubs if "/llm/1/model.py" in cmdline(pid)]
     assert len(llm_stubs) == 1 and len(stubs) > 2, [cmdline(pid)[-60:] for pid in stubs]
     expected = os.environ.get("OMP_WAIT_POLICY", OMP_WAIT_POLICY).encode()
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", OPENBLAS_NUM_THREADS).encode()
     for pid in [servers[0], *stubs]:
         assert environ(pid).get(b"OMP_WAIT_POLICY") == expected, cmdline(pid)[-80:]
+        assert environ(pid).get(b"OPENBLAS_NUM_THREADS") == blas, cmdline(pid)[-80:]
 
     with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/models/llm/config", timeout=10) as r:
         spin = json.load(r)["parameters"]["omp_spin_count"]["string_value"]

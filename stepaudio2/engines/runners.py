@@ -58,7 +58,8 @@ class OrtRunner:
 def make_runner(path: str | Path, kind: str = "onnx-cpu") -> Runner:
     """kind: onnx-cpu | onnx-cuda | tensorrt."""
     if kind == "onnx-cpu":
-        return OrtRunner(path, "cpu")
+        # A served graph shares the cores with vLLM's engine and the stubs: its idle workers sleep at once.
+        return OrtRunner(path, "cpu", spin=False)
     if kind == "onnx-cuda":
         return OrtRunner(path, "cuda")
     if kind == "tensorrt":

@@ -163,11 +163,16 @@ def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
 # environment says otherwise; vLLM's engine core gets a short spin of its own (llm `omp_spin_count`; README,
 # "OpenMP threads").
 OMP_WAIT_POLICY = "PASSIVE"
+# numpy's OpenBLAS runs a matmul on every core and its idle threads then busy-wait. A stub's numpy work is small
+# (the pipeline's log-mel: 2 ms on one thread, the same wall time and twice the CPU on two); concurrency comes
+# from model instances, so each process keeps one BLAS thread (the pipeline's CPU per request fell by half).
+OPENBLAS_NUM_THREADS = "1"
 
 
 def server_command(cfg: ServerConfig, stages: Path, pipelines: Path) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    env.setdefault("OPENBLAS_NUM_THREADS", OPENBLAS_NUM_THREADS)
     binary = cfg.tritonserver or (Path(shutil.which("tritonserver")) if shutil.which("tritonserver") else None)
     args: list[str] = []
     if binary is None:

@@ -135,6 +135,11 @@ VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
 ITL_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]
 
 
+def _add(counter: Any, amount: float) -> None:
+    if amount:
+        counter.increment(amount)
+
+
 class VllmMetrics:
     """vLLM's engine statistics on Triton's /metrics: a StatLoggerBase whose record() sets pb_utils metrics.
 
@@ -172,22 +177,30 @@ class VllmMetrics:
         self.itl = f[VLLM_ITL].Metric(labels=labels, buckets=ITL_BUCKETS)
         self._success: dict[str, Any] = {}
         self._labels = labels
+        self._last: dict[int, float] = {}  # id(gauge) -> value last sent
+
+    def _set(self, gauge: Any, value: float) -> None:
+        if self._last.get(id(gauge)) != value:
+            gauge.set(value)
+            self._last[id(gauge)] = value
 
     def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        # Called every engine step, and every metric call is a round trip to the server: gauges are sent when
+        # they change and counters when they move.
         if scheduler_stats is not None:
-            self.running.set(scheduler_stats.num_running_reqs)
-            self.waiting.set(scheduler_stats.num_waiting_reqs)
-            self.kv_usage.set(scheduler_stats.kv_cache_usage)
+            self._set(self.running, scheduler_stats.num_running_reqs)
+            self._set(self.waiting, scheduler_stats.num_waiting_reqs)
+            self._set(self.kv_usage, scheduler_stats.kv_cache_usage)
             pc = scheduler_stats.prefix_cache_stats
             if pc is not None:
-                self.prefix_queries.increment(pc.queries)
-                self.prefix_hits.increment(pc.hits)
+                _add(self.prefix_queries, pc.queries)
+                _add(self.prefix_hits, pc.hits)
         if iteration_stats is not None:
-            self.prompt_tokens.increment(iteration_stats.num_prompt_tokens)
-            self.generation_tokens.increment(iteration_stats.num_generation_tokens)
+            _add(self.prompt_tokens, iteration_stats.num_prompt_tokens)
+            _add(self.generation_tokens, iteration_stats.num_generation_tokens)
             if self.decode_batch is not None and iteration_stats.num_generation_tokens:
                 self.decode_batch.observe(iteration_stats.num_generation_tokens)
-            self.preemptions.increment(iteration_stats.num_preempted_reqs)
+            _add(self.preemptions, iteration_stats.num_preempted_reqs)
             for t in iteration_stats.time_to_first_tokens_iter:
                 self.ttft.observe(t)
             for t in iteration_stats.inter_token_latencies_iter:

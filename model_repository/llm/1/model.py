@@ -26,6 +26,7 @@ from stepaudio2.engines.vllm_engine import (  # noqa: E402
     RequestTracker,
     build_prompt_embeds,
     make_engine,
+    tokens_per_response,
     vllm_sampling,
 )
 from stepaudio2.errors import InvalidInputError, QueueFullError  # noqa: E402
@@ -43,7 +44,9 @@ from stepaudio2.serving.triton_utils import (  # noqa: E402
 from stepaudio2.serving.validation import LLMLimits, check_llm_inputs  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CANCEL_POLL_S = 0.05  # how often the loop asks Triton whether a client left (one thread, all requests)
+# How often the loop asks Triton whether a client left: one round trip per live request each time (a gRPC client
+# of this model; the pipeline cancels by a control request at once).
+CANCEL_POLL_S = 0.2
 
 
 class TritonPythonModel:
@@ -69,6 +72,7 @@ class TritonPythonModel:
             executor=params.choice("executor", ("uni", "mp")),
             omp_spin_count=params.integer("omp_spin_count", minimum=0),
             stream_interval=params.integer("stream_interval", minimum=1),
+            responses_per_step=params.integer("responses_per_step", minimum=0),
             python_executable=params.text("python_executable"),
         )
         self.config = load_config(version_dir)
@@ -142,19 +146,25 @@ class TritonPythonModel:
 
         arrived, last, first = time.perf_counter(), None, True
         reason = "error"
+        pending: list[int] = []
         self.tracker.start(request_id, request)
         try:
             async for out in self.engine.generate({"prompt_embeds": embeds}, params, request_id=request_id):
                 if self.tracker.is_cancelled(request_id):
                     break
-                tokens = list(out.outputs[0].token_ids)  # DELTA: only what is new (several when we fell behind)
-                if tokens:
+                pending += out.outputs[0].token_ids  # DELTA: only what is new (several when we fell behind)
+                # The first token goes at once (TTFT); later ones gather while many requests are live, so the
+                # path to the client carries fewer, larger responses when it would fall behind.
+                due = first or out.finished or len(pending) >= tokens_per_response(
+                    self.tracker.live, self.settings.responses_per_step)
+                if pending and due:
                     now = time.perf_counter()
                     (self.metrics.ttft if first else self.metrics.inter_token).observe(now - (last or arrived))
                     first, last = False, now
-                    self.metrics.tokens.increment(len(tokens))
+                    self.metrics.tokens.increment(len(pending))
                     sender.send(pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor("token_ids", np.asarray(tokens, np.int64))]))
+                        output_tensors=[pb_utils.Tensor("token_ids", np.asarray(pending, np.int64))]))
+                    pending = []
                 if out.finished:
                     reason = {"stop": "stop", "length": "length"}.get(out.outputs[0].finish_reason, "cancelled")
             if self.tracker.is_cancelled(request_id):
