@@ -217,7 +217,9 @@ def main() -> None:
         out = subprocess.run(
             [args.baseline_python, str(Path(__file__).with_name("_baseline_batcher.py")), "--checkpoint", str(ckpt),
              "--tokens", str(args.tokens), "--task", args.task, "--levels", *map(str, args.levels), "--runs", str(args.runs)],
-            env={**os.environ, "PYTHONPATH": str(Path(args.baseline_source))}, capture_output=True, text=True)
+            # From inside that checkout: the server's stubs would otherwise find this checkout's stepaudio2 first.
+            cwd=args.baseline_source, env={**os.environ, "PYTHONPATH": str(Path(args.baseline_source))},
+            capture_output=True, text=True)
         if out.returncode == 0:
             baseline = json.loads(out.stdout.strip().splitlines()[-1])
         else:  # report the served and engine figures anyway; say why the side-by-side is missing
