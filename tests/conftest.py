@@ -193,8 +193,7 @@ QUICK_STOP_S = 2.0
 
 # The session server's vLLM engine: a small KV space (fast start, little memory) and a small capacity, so the
 # UNAVAILABLE test can fill it (8 running + 4 waiting; no other test sends more than 8 at once).
-# responses_per_step 4: the served tests exercise token coalescing (off by default; README "Token events").
-SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_queue": "4", "responses_per_step": "4"}
+SERVER_LLM_PARAMETERS = {"kv_cache_space_gib": "1", "max_num_seqs": "8", "max_queue": "4"}
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ class EngineSettings:
     # Responses the model sends per engine step, all requests together (0: every token as it comes). Each token
     # event costs about 1.4 ms of CPU on its way to the client (llm stub, tritonserver, pipeline stub, client), taken
     # from the cores vLLM computes on; with many requests live, each response carries ceil(live / this) tokens.
-    responses_per_step: int = 0  # off by default (README, "Token events")
+    responses_per_step: int = 4
     python_executable: str = ""  # written by the launcher: vLLM spawns its engine-core process with it
 
 
