@@ -3,7 +3,7 @@ tritonserver, gRPC), TTFT p50/p95, server RSS idle and under load, and vLLM alon
 settings, same prompts) in the same run. Medians [min .. max] of --runs runs. Real-vocabulary `small` preset.
 
     .venv/bin/python bench/serving_throughput.py [--preset small] [--task chat|asr] [--tokens 64]
-        [--levels 1 4 16] [--runs 3] [--baseline-python /work/main/.venv/bin/python --baseline-source /work/main]
+        [--levels 1 4 16] [--runs 3] [--baseline-python ../basevenv/bin/python --baseline-source ../baseline]
 
 --task chat (default): text prompts, so served and alone do the same model work and the ratio is what serving
 costs. --task asr: the shipped clips; served also runs the audio encoder (another model, about 60 ms of CPU per
@@ -11,8 +11,8 @@ clip on the small preset) that alone is spared, since alone is given the finishe
 TTFT: the random checkpoint's replies rarely decode to text, so no streamed event marks the first token; it is
 timed as the time to the result of the same requests capped at one new token, `level` of them sent at once.
 
---baseline-*: also run the hand-made continuous batcher (git main's code, its own venv) on the same
-checkpoint and requests (bench/_baseline_batcher.py), for the side-by-side ratio.
+--baseline-*: also run the hand-made continuous batcher (commit 887cf36 in its own checkout and venv; set-up in
+bench/_baseline_batcher.py) on the same checkpoint and requests, for the side-by-side ratio.
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def _pytriton_bundle(build: Path) -> tuple[Path, Path, dict[str, str]]:
 OMP_WAIT_POLICY = "PASSIVE"
 # numpy's OpenBLAS runs a matmul on every core and its idle threads then busy-wait. A stub's numpy work is small
 # (the pipeline's log-mel: 2 ms on one thread, the same wall time and twice the CPU on two); concurrency comes
-# from model instances, so each process keeps one BLAS thread (the pipeline's CPU per request fell by half).
+# from model instances, so each process keeps one BLAS thread.
 OPENBLAS_NUM_THREADS = "1"
 
 
