@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -108,21 +106,6 @@ def _failure_logger() -> logging.Logger:
 
 
 _HELD_UNTIL_EXIT: list[Any] = []
-
-
-def cancel_check(ask: Callable[[], bool], every_s: float = 0.05) -> Callable[[], bool]:
-    """`ask` (a request's is_cancelled: a round trip to the server) asked at most once per `every_s`; the
-    pipeline checks before every streamed token, and at c=16 that was thousands of round trips a second."""
-    last, gone = float("-inf"), False
-
-    def is_cancelled() -> bool:
-        nonlocal last, gone
-        now = time.monotonic()
-        if not gone and now - last >= every_s:
-            last, gone = now, bool(ask())
-        return gone
-
-    return is_cancelled
 
 
 def hold_until_exit(*metrics: Any) -> None:

@@ -18,7 +18,6 @@ from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
     bytes_values,
-    cancel_check,
     log_failure,
     optional_input,
     triton_error,
@@ -79,7 +78,7 @@ class TritonPythonModel:
             payload = serve_request(
                 self.tokenizer, self.stages, obj, clips, None,
                 lambda _event, chunk, out=pcm: out.append(chunk) if chunk is not None else None,
-                is_cancelled=cancel_check(request.is_cancelled), sessions=None, speech_default="offline",
+                is_cancelled=request.is_cancelled, sessions=None, speech_default="offline",
             )
             audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
             response = pb_utils.InferenceResponse(output_tensors=[

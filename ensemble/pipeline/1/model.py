@@ -30,7 +30,6 @@ from stepaudio2.serving.triton_utils import (
     bytes_tensor,
     bytes_value,
     bytes_values,
-    cancel_check,
     hold_until_exit,
     log_failure,
     optional_input,
@@ -114,7 +113,7 @@ class TritonPythonModel:
             check_request(obj, clips, voice, self.limits)
             serve_request(
                 self.tokenizer, self.stages, obj, clips, voice,
-                emit, is_cancelled=cancel_check(lambda: self._locked(request.is_cancelled)), sessions=self.sessions, arrived=arrived,
+                emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
                 on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
             )
             if not ended:
