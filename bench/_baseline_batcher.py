@@ -25,13 +25,14 @@ def main() -> None:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--task", choices=("chat", "asr"), default="chat")
+    ap.add_argument("--sampling", choices=("greedy", "preset"), default="greedy")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
 
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
-    reqs = _requests(max(args.levels), args.tokens, args.task)
+    reqs = _requests(max(args.levels), args.tokens, args.task, args.sampling)
     cfg = ServerConfig(checkpoint=Path(args.checkpoint), runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-base-")),
                        grpc_port=_port(), http_port=_port(), metrics_port=_port())
     server = TritonProcess(cfg)

@@ -42,15 +42,23 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _requests(n: int, tokens: int, task: str = "asr") -> list[tuple[dict, bytes | None]]:
-    """Greedy requests of a fixed length (the random checkpoint rarely stops early; tokens/s counts the tokens
-    each request really generated): ASR on the shipped clips, or text chat with a different question each."""
-    sampling = {"max_new_tokens": tokens}
+def _requests(n: int, tokens: int, task: str = "asr", sampling: str = "greedy") -> list[tuple[dict, bytes | None]]:
+    """Requests of a fixed length (the random checkpoint rarely stops early; tokens/s counts the tokens each
+    request really generated): ASR on the shipped clips, or text chat with a different question each. Greedy, or
+    (`sampling="preset"`) the chat preset's sampling (temperature 0.7, top-p 0.9, repetition penalty 1.05, what
+    chat and voice-chat traffic sends) seeded per request, so every engine draws the same stream each run."""
+    def params(i: int) -> dict:
+        if sampling == "greedy":
+            return {"max_new_tokens": tokens}
+        from stepaudio2.text.tasks import TASKS
+
+        return {**TASKS["chat"].sampling, "max_new_tokens": tokens, "seed": i}
+
     if task == "chat":
         return [({"task": "chat", "text": f"Question {i}: what is the weather like in city number {i} today?",
-                  "sampling": sampling}, None) for i in range(n)]
+                  "sampling": params(i)}, None) for i in range(n)]
     assets = ROOT / "stepaudio2" / "assets"
-    return [({"task": "asr", "sampling": sampling}, (assets / CLIPS[i % 3]).read_bytes()) for i in range(n)]
+    return [({"task": "asr", "sampling": params(i)}, (assets / CLIPS[i % 3]).read_bytes()) for i in range(n)]
 
 
 def one_token(reqs: list) -> list:
@@ -119,17 +127,18 @@ def engine_prompts(ckpt: Path, reqs: list) -> list:
     return out
 
 
-def engine_alone(qwen2_dir: Path, prompts: list, tokens: int, levels: list[int], runs: int, stops) -> dict:
-    """vLLM's AsyncLLM in this process with the llm model's default settings: tokens/s and TTFT per level."""
+def engine_alone(qwen2_dir: Path, prompts: list, reqs: list, levels: list[int], runs: int, stops) -> dict:
+    """vLLM's AsyncLLM in this process with the llm model's default settings, each prompt with its request's
+    sampling: tokens/s and TTFT per level."""
     from stepaudio2.engines.sampling import SamplingParams
     from stepaudio2.engines.vllm_engine import EngineSettings, make_engine, vllm_sampling
 
     settings = EngineSettings(python_executable=sys.executable)
-    params = vllm_sampling(SamplingParams(max_new_tokens=tokens), stops)
+    params = [vllm_sampling(SamplingParams.from_dict(obj["sampling"]), stops) for obj, _ in reqs]
 
     async def one(engine, i: int, embeds, ttft: list, counts: list) -> None:
         t0, n = time.perf_counter(), 0
-        async for out in engine.generate({"prompt_embeds": embeds}, params, request_id=f"r{i}-{time.time_ns()}"):
+        async for out in engine.generate({"prompt_embeds": embeds}, params[i], request_id=f"r{i}-{time.time_ns()}"):
             n += len(out.outputs[0].token_ids)
             if n and not ttft[i]:
                 ttft[i] = time.perf_counter() - t0
@@ -163,6 +172,8 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--task", choices=("chat", "asr"), default="chat")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--sampling", choices=("greedy", "preset"), default="greedy",
+                    help="preset: the chat preset's sampling, seeded per request (see _requests)")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--baseline-python", help="python of a venv with git main's code (the hand-made batcher)")
@@ -174,7 +185,7 @@ def main() -> None:
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
 
     ckpt = checkpoint(args.preset)
-    reqs = _requests(max(args.levels), args.tokens, args.task)
+    reqs = _requests(max(args.levels), args.tokens, args.task, args.sampling)
     runtime = Path(args.runtime) if args.runtime else Path(tempfile.mkdtemp(prefix="stepaudio2-bench-"))
     cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=_port(), http_port=_port(), metrics_port=_port())
     server = TritonProcess(cfg)
@@ -210,13 +221,13 @@ def main() -> None:
     stops = stop_ids(StepAudio2Tokenizer.from_dir(ckpt), load_config(ckpt), __import__(
         "stepaudio2.engines.sampling", fromlist=["SamplingParams"]).SamplingParams())
     alone = engine_alone(runtime / "model_repository" / "llm" / "1" / "qwen2", engine_prompts(ckpt, reqs),
-                         args.tokens, args.levels, args.runs, stops)
+                         reqs, args.levels, args.runs, stops)
 
     baseline = None
     if args.baseline_python and args.baseline_source:
         out = subprocess.run(
             [args.baseline_python, str(Path(__file__).with_name("_baseline_batcher.py")), "--checkpoint", str(ckpt),
-             "--tokens", str(args.tokens), "--task", args.task, "--levels", *map(str, args.levels), "--runs", str(args.runs)],
+             "--tokens", str(args.tokens), "--task", args.task, "--sampling", args.sampling, "--levels", *map(str, args.levels), "--runs", str(args.runs)],
             # From inside that checkout: the server's stubs would otherwise find this checkout's stepaudio2 first.
             cwd=args.baseline_source, env={**os.environ, "PYTHONPATH": str(Path(args.baseline_source))},
             capture_output=True, text=True)
@@ -227,7 +238,7 @@ def main() -> None:
 
     med = statistics.median
     print(f"preset={args.preset} (vocab {load_config(ckpt).text.vocab_size}) task={args.task} "
-          f"tokens/request={args.tokens} runs={args.runs} cpus={os.cpu_count()}")
+          f"sampling={args.sampling} tokens/request={args.tokens} runs={args.runs} cpus={os.cpu_count()}")
     print("| concurrency | served tok/s | vLLM alone tok/s | served/alone | served TTFT p50 / p95 s "
           "| alone TTFT p50 / p95 s |" + (" hand-made batcher tok/s | vLLM served / batcher |" if baseline else ""))
     print("|---|---|---|---|---|---|" + ("---|---|" if baseline else ""))

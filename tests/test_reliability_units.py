@@ -397,3 +397,58 @@ def test_server_environment_lets_openmp_threads_sleep_unless_told_otherwise(monk
     _, env = server_command(cfg, tmp_path / "stages", tmp_path / "pipelines")
     assert env["OMP_WAIT_POLICY"] == (own or "PASSIVE")
     assert env["OPENBLAS_NUM_THREADS"] == ("2" if own else "1")
+
+
+def test_request_worker_serves_replies_side_by_side_with_server_calls_on_one_thread() -> None:
+    import threading
+
+    from stepaudio2.serving.triton_utils import RequestWorker
+
+    both_started = threading.Barrier(2, timeout=10)
+    callers: list[str] = []
+    results: dict[int, object] = {}
+    worker: RequestWorker
+
+    def server_call(i: int) -> int:
+        callers.append(threading.current_thread().name)
+        if i < 0:
+            raise ValueError("refused")
+        return i * 10
+
+    def handle(i: int) -> None:
+        both_started.wait()  # each reply waits for the other: served one after another, this never passes
+        try:
+            results[i] = (worker.on_server(server_call, i), worker.on_server(server_call, -1))
+        except ValueError as exc:
+            results[i] = str(exc)
+
+    worker = RequestWorker(handle, "test-requests", concurrent=True)
+    try:
+        worker.submit(1)
+        worker.submit(2)
+        deadline = time.monotonic() + 10
+        while len(results) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.close()
+    assert results == {1: "refused", 2: "refused"}  # the server thread's exception reached each caller
+    assert callers and set(callers) == {"test-requests"}  # every server call ran on the one server thread
+
+
+def test_request_worker_one_at_a_time_serves_on_the_server_thread() -> None:
+    import threading
+
+    from stepaudio2.serving.triton_utils import RequestWorker
+
+    seen: list[tuple[int, str, str]] = []
+    worker: RequestWorker
+
+    def handle(i: int) -> None:
+        inner = worker.on_server(lambda: threading.current_thread().name)  # inline: already on the server thread
+        seen.append((i, threading.current_thread().name, inner))
+
+    worker = RequestWorker(handle, "one-at-a-time")
+    for i in range(3):
+        worker.submit(i)
+    worker.close()
+    assert seen == [(i, "one-at-a-time", "one-at-a-time") for i in range(3)]

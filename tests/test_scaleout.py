@@ -43,6 +43,7 @@ from stepaudio2.serving.topology import topology  # noqa: E402
 from stepaudio2_client import ClientError, StepAudio2Client  # noqa: E402
 
 ALONE_TOL = 1e-4  # same computation as the reference, other thread counts (as in test_serving_speech)
+BATCHED_TOL = 2e-3  # concurrent chunks synthesised in one batch (as in test_serving_speech)
 HELLO = ASSETS / "hello_en.wav"
 SAMPLING = {"max_new_tokens": 90}
 POOL_MODELS = ["llm", "token2wav", "voice_prompt"]
@@ -168,6 +169,37 @@ def test_split_speech_equals_the_reference(cluster, reference, speech, front: st
     pcm = np.concatenate([c["pcm"] for c in chunks])
     assert pcm.shape == want_pcm.shape
     np.testing.assert_allclose(pcm, want_pcm, atol=ALONE_TOL)
+
+
+def test_concurrent_streams_on_a_front_with_a_remote_llm_each_equal_the_reference(cluster, reference, speech) -> None:
+    """Such a front serves replies side by side (its `RequestWorker`), every server call on one thread per stub."""
+    texts = [f"say something number {i}" for i in range(6)]
+    wants = [_reference(reference, speech, True, GenerationRequest(task="voice-chat", text=t,
+                                                                  sampling=SamplingParams.from_dict(SAMPLING)))
+             for t in texts]
+    got: list = [None] * len(texts)
+    barrier = threading.Barrier(len(texts))
+
+    def run(i: int) -> None:
+        try:
+            with cluster.client("front_llm") as c:
+                barrier.wait()
+                got[i] = list(c.stream({"task": "voice-chat", "text": texts[i], "sampling": SAMPLING}))
+        except BaseException as exc:  # noqa: BLE001 (asserted below)
+            got[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for (want, want_pcm), events in zip(wants, got, strict=True):
+        assert isinstance(events, list), events
+        result = events[-1]
+        assert result["type"] == "result" and result["token_ids"] == want.token_ids
+        assert result["audio_codes"] == want.audio_codes
+        pcm = np.concatenate([e["pcm"] for e in events if e["type"] == "audio"])
+        np.testing.assert_allclose(pcm, want_pcm, atol=BATCHED_TOL)  # token2wav batched the concurrent chunks
 
 
 def test_session_turn_two_on_another_replica_continues_the_conversation(cluster, reference) -> None:

@@ -164,3 +164,34 @@ def _batched(pb: Any, tensor: Any) -> Any:
     """The tensor with a leading batch dimension of 1 (token2wav has max_batch_size > 0)."""
     return pb.Tensor(tensor.name(), tensor.as_numpy()[None])
 
+
+
+class ServerThreadStages:
+    """`BlsStages` whose calls run through `on_server` (a `RequestWorker`'s server thread), for a front that
+    serves its requests side by side: only its unary stages may be local then. A BLS llm stream would be waited
+    on there and hold every other request's calls, so such fronts reach the llm over gRPC."""
+
+    def __init__(self, stages: BlsStages, on_server: Callable[..., Any]) -> None:
+        self.stages = stages
+        self.on_server = on_server
+
+    def encode(self, mels: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
+        return self.on_server(self.stages.encode, mels, lengths)
+
+    def voice(self, audio: bytes | None, voice_id: str | None) -> dict[str, np.ndarray]:
+        return self.on_server(self.stages.voice, audio, voice_id)
+
+    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str:
+        return self.on_server(self.stages.speech_start, prompt, seed)
+
+    def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
+        return self.on_server(self.stages.speech_push, stream_id, codes, last)
+
+    def speech_cancel(self, stream_id: str) -> None:
+        self.on_server(self.stages.speech_cancel, stream_id)
+
+    def speech_offline(self, codes: list[int], prompt: dict[str, np.ndarray], seed: int) -> np.ndarray:
+        return self.on_server(self.stages.speech_offline, codes, prompt, seed)
+
+    def generator(self, is_cancelled: Callable[[], bool]):
+        raise RuntimeError("a front serving requests side by side reaches the llm over gRPC, not BLS")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -54,8 +55,16 @@ class GrpcStages:
         self.timeout_s = timeout_s
         self._grpc = grpcclient
         self._unary = grpcclient.InferenceServerClient(url=url)
-        # True while the token just yielded by generate() is the last of its llm response (as BlsStages).
-        self.at_response_end = True
+        self._reply = threading.local()  # per serving thread: a front may serve several replies side by side
+
+    @property
+    def at_response_end(self) -> bool:
+        """True while the token just yielded by generate() (on this thread) is the last of its llm response."""
+        return getattr(self._reply, "at_response_end", True)
+
+    @at_response_end.setter
+    def at_response_end(self, value: bool) -> None:
+        self._reply.at_response_end = value
 
     def close(self) -> None:
         self._unary.close()

@@ -129,36 +129,75 @@ def hold_until_exit(*metrics: Any) -> None:
 
 
 class RequestWorker:
-    """One thread that serves a model instance's requests in arrival order, so `execute` can hand a request over
-    and return at once (decoupled models, and the default mode through the response sender). Used by `pipeline`
-    and `generate` in a front whose stages are remote.
+    """Serves a model instance's requests off `execute`, so `execute` can hand a request over and return at once
+    (decoupled models, and the default mode through the response sender), with all of the instance's talk to the
+    server (responses, cancel checks, BLS, metrics) on one thread, the server thread. Used by `pipeline` and
+    `generate` in a front whose stages are remote.
 
-    Why: while `execute` runs, this Python backend's server process checks the stub's heartbeat every second. In
-    split fronts on our 2-core VM (where a thread sleeping 0.3 s woke up to 0.5 s late) it declared live, busy
-    `pipeline` stubs dead ("Stub process '...' is not healthy"), answered their requests with that error, then
-    crashed (SIGSEGV in TRITONBACKEND_ResponseSend) when the stub's next response for the released request
-    arrived. Handed over, a request is exposed to that check for the milliseconds `execute` takes, not for the
-    whole reply. The price: if the stub dies, its requests get no error (the server no longer waits on them) and
-    their clients wait for their own deadline; served in `execute` (one server), they fail at once. All of the
-    instance's talk with the server (responses, BLS, metrics) stays on this one thread."""
+    Why off `execute`: while `execute` runs, this Python backend's server process checks the stub's heartbeat
+    every second. In split fronts on our 2-core VM (where a thread sleeping 0.3 s woke up to 0.5 s late) it
+    declared live, busy `pipeline` stubs dead ("Stub process '...' is not healthy"), answered their requests with
+    that error, then crashed (SIGSEGV in TRITONBACKEND_ResponseSend) when the stub's next response for the
+    released request arrived. Handed over, a request is exposed to that check for the milliseconds `execute`
+    takes, not for the whole reply. The price: if the stub dies, its requests get no error (the server no longer
+    waits on them) and their clients wait for their own deadline; served in `execute` (one server), they fail at
+    once.
 
-    def __init__(self, handle: Any, name: str) -> None:
+    `concurrent=True`: each request runs on its own thread and reaches the server only through `on_server`. An
+    instance whose `execute` returns at once looks idle to Triton, which then gives it the next request too (in
+    an 8-stream benchmark, streams waited up to 6 s for a reply ahead of them on the same instance); served
+    side by side, they do not wait. Only for requests whose own waiting (remote stages over gRPC) happens off the
+    server thread: a BLS stream waited on there would hold every other request's calls.
+    `concurrent=False`: requests are served one after another on the server thread itself."""
+
+    def __init__(self, handle: Any, name: str, concurrent: bool = False) -> None:
         import queue
         import threading
 
         self._handle = handle
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._name = name
+        self._concurrent = concurrent
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # (fn, args, future or None); None stops
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, *job: Any) -> None:
-        self._jobs.put(job)
+        if self._concurrent:
+            import threading
+
+            threading.Thread(target=self._handle, args=job, name=f"{self._name}-request", daemon=True).start()
+        else:
+            self._calls.put((self._handle, job, None))
+
+    def on_server(self, fn: Any, *args: Any) -> Any:
+        """`fn(*args)` run on the server thread (at once when called from it); its result or exception."""
+        import threading
+
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        self._calls.put((fn, args, done))
+        return done.result()
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._handle(*job)
+        while (call := self._calls.get()) is not None:
+            fn, args, done = call
+            if done is None:
+                fn(*args)
+                continue
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 (raised again in the calling thread)
+                done.set_exception(exc)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Serve what is queued, then stop."""
-        self._jobs.put(None)
+        self._calls.put(None)
         self._thread.join(timeout_s)
+
+
+def on_this_thread(fn: Any, *args: Any) -> Any:
+    """`RequestWorker.on_server`'s stand-in where requests are served in `execute`."""
+    return fn(*args)

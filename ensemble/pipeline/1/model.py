@@ -1,21 +1,21 @@
 """Triton adapter for the streaming pipeline: runs `serve_request` (the core `run_pipeline` flow with the
 audio_encoder, llm, voice_prompt and token2wav stages reached over BLS, or over gRPC where a `remote_<stage>`
-parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. Each instance
-(a process) serves one request at a time on one thread (in `execute`, or on a `RequestWorker` in a front with
-remote stages): the Python backend of this Triton version crashed when several threads of one stub talked to the
-server at once, so concurrency comes from `instance_group` count."""
+parameter names another server) and streams each event back as JSON, PCM chunks in `audio_chunk`. One server:
+each instance (a process) serves one request at a time in `execute`, so concurrency comes from `instance_group`
+count. A front with remote stages hands requests to a `RequestWorker` (its docstring says why); with the llm
+remote, replies are served side by side. Either way one thread per stub talks to the server: the Python backend
+of this Triton version crashed when several threads of one stub talked to the server at once."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from stepaudio2.errors import UnavailableError
-from stepaudio2.serving.bls import BlsStages, Cancelled
+from stepaudio2.serving.bls import BlsStages, Cancelled, ServerThreadStages
 from stepaudio2.serving.limits import RequestLimits, check_request, parse_request
 from stepaudio2.serving.metrics import PipelineMetrics, SpeechDeliveryMetrics
 from stepaudio2.serving.parameters import ModelParameters
@@ -32,6 +32,7 @@ from stepaudio2.serving.triton_utils import (
     bytes_values,
     hold_until_exit,
     log_failure,
+    on_this_thread,
     optional_input,
     triton_error,
 )
@@ -59,13 +60,15 @@ class TritonPythonModel:
         # Each stage in this server (BLS) or at the address of its `remote_<stage>` parameter (gRPC).
         remotes = {"audio_encoder": params.text("remote_audio_encoder"), "llm": params.text("remote_llm"),
                    "voice_prompt": params.text("remote_voice_prompt"), "token2wav": params.text("remote_token2wav")}
-        local = stages_from_parameters(BlsStages(pb_utils), remotes, params.number("remote_timeout_s", minimum=0.001))
-        self.stages = SharedVoiceStages(local, store)
-        self.send_lock = threading.RLock()  # one thread per stub already; kept as a guard
-        # A front with remote stages serves on a worker thread (`RequestWorker` says why); one server, in
-        # `execute`, so a stub that dies fails its request at once.
+        # A front with remote stages serves off `execute` (`RequestWorker` says why), side by side when the llm
+        # is remote; one server serves in `execute`, so a stub that dies fails its request at once.
         split = any(address.strip() for address in remotes.values())
-        self.worker = RequestWorker(self._handle, "pipeline-requests") if split else None
+        side_by_side = bool(remotes["llm"].strip())
+        self.worker = RequestWorker(self._handle, "pipeline-requests", concurrent=side_by_side) if split else None
+        self.on_server = self.worker.on_server if self.worker is not None else on_this_thread
+        bls = ServerThreadStages(BlsStages(pb_utils), self.on_server) if side_by_side else BlsStages(pb_utils)
+        local = stages_from_parameters(bls, remotes, params.number("remote_timeout_s", minimum=0.001))
+        self.stages = SharedVoiceStages(local, store)
         # Per-request limits (stepaudio2/serving/limits.py), each a config.pbtxt parameter.
         self.limits = RequestLimits(
             max_request_bytes=params.integer("max_request_bytes", minimum=1),
@@ -76,11 +79,10 @@ class TritonPythonModel:
             max_new_tokens=params.integer("max_new_tokens", minimum=1),
         )
 
-    def _locked(self, fn):
-        with self.send_lock:
-            return fn()
-
     def _audio_done(self, route: SpeechRoute) -> None:
+        self.on_server(self._observe_delivery, route)
+
+    def _observe_delivery(self, route: SpeechRoute) -> None:
         clock = route.clock
         if clock.time_to_first_audio is not None:
             self.speech_metrics.ttfa.observe(clock.time_to_first_audio)
@@ -90,19 +92,15 @@ class TritonPythonModel:
             self.speech_metrics.underruns.increment(clock.underruns)
 
     def _handle(self, request, sender, arrived: float, inputs: tuple | Exception) -> None:
-        lock = self.send_lock
+        on_server = self.on_server
         ended = False
 
         def emit(event: dict, pcm: np.ndarray | None) -> None:
             nonlocal ended
-            tensors = [bytes_tensor(pb_utils, "event", json.dumps(event, ensure_ascii=False))]
-            if pcm is not None:
-                tensors.append(pb_utils.Tensor("audio_chunk", pcm))
             # The result is the last event: it carries the FINAL flag itself, so no separate flag-only response
             # follows it (one response callback less per request in Triton's gRPC stream handler).
             last = event.get("type") == "result"
-            with lock:
-                sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if last else 0)
+            on_server(_send_event, sender, json.dumps(event, ensure_ascii=False), pcm, last)
             ended = ended or last
 
         try:
@@ -113,25 +111,24 @@ class TritonPythonModel:
             check_request(obj, clips, voice, self.limits)
             serve_request(
                 self.tokenizer, self.stages, obj, clips, voice,
-                emit, is_cancelled=lambda: self._locked(request.is_cancelled), sessions=self.sessions, arrived=arrived,
-                on_tool_call=self.metrics.tool_call, on_audio_done=self._audio_done,
+                emit, is_cancelled=lambda: on_server(request.is_cancelled), sessions=self.sessions, arrived=arrived,
+                on_tool_call=lambda name: on_server(self.metrics.tool_call, name), on_audio_done=self._audio_done,
             )
             if not ended:
-                with lock:
-                    sender.send(flags=FINAL)
+                on_server(_send_final, sender)
         except Cancelled:
-            with lock:
-                sender.send(flags=FINAL)
+            on_server(_send_final, sender)
         except Exception as exc:
-            log_failure(pb_utils, "pipeline", request, exc, arrived)
+            on_server(log_failure, pb_utils, "pipeline", request, exc, arrived)
             if not ended:  # after the final result nothing more can be sent; the failure is only logged
-                with lock:
-                    sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
+                on_server(_send_error, sender, exc)
         finally:
             try:
-                self.speech_metrics.sessions.set(len(self.sessions))
+                sessions = len(self.sessions)
             except UnavailableError:
-                pass  # the store is down: session requests say so; the gauge keeps its last value
+                sessions = None  # the store is down: session requests say so; the gauge keeps its last value
+            if sessions is not None:
+                on_server(self.speech_metrics.sessions.set, sessions)
 
     def execute(self, requests: list) -> None:
         """Serve each request here, or hand it to the worker thread and return at once. Inputs are read here
@@ -148,6 +145,21 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.worker is not None:
             self.worker.close()
+
+
+def _send_event(sender, event_json: str, pcm: np.ndarray | None, last: bool) -> None:
+    tensors = [bytes_tensor(pb_utils, "event", event_json)]
+    if pcm is not None:
+        tensors.append(pb_utils.Tensor("audio_chunk", pcm))
+    sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if last else 0)
+
+
+def _send_final(sender) -> None:
+    sender.send(flags=FINAL)
+
+
+def _send_error(sender, exc: Exception) -> None:
+    sender.send(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)), flags=FINAL)
 
 
 def _read_inputs(request) -> tuple | Exception:
