@@ -41,10 +41,13 @@ def _port() -> int:
 
 def _direct(url: str, audio: bytes, tokens: int) -> tuple[float, float, int]:
     from stepaudio2_client import StepAudio2Client
+    from stepaudio2_gateway.prompts import SAMPLING_DEFAULTS
 
+    # The sampling the gateway sends for a chat completion without sampling fields: both paths do the same work.
+    sampling = {**SAMPLING_DEFAULTS["speech"], "max_new_tokens": tokens}
     with StepAudio2Client(url) as c:
         t0, first, samples = time.perf_counter(), None, 0
-        for event in c.stream({"task": "voice-chat", "sampling": {"max_new_tokens": tokens}}, audio):
+        for event in c.stream({"task": "voice-chat", "sampling": sampling}, audio):
             if event["type"] == "audio":
                 first = first if first is not None else time.perf_counter() - t0
                 samples += event["samples"]
