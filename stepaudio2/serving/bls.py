@@ -165,7 +165,6 @@ def _batched(pb: Any, tensor: Any) -> Any:
     return pb.Tensor(tensor.name(), tensor.as_numpy()[None])
 
 
-
 class ServerThreadStages:
     """`BlsStages` whose calls run through `on_server` (a `RequestWorker`'s server thread), for a front that
     serves its requests side by side: only its unary stages may be local then. A BLS llm stream would be waited
