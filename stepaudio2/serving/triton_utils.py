@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import sys
+import threading
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -151,9 +154,6 @@ class RequestWorker:
     `concurrent=False`: requests are served one after another on the server thread itself."""
 
     def __init__(self, handle: Any, name: str, concurrent: bool = False) -> None:
-        import queue
-        import threading
-
         self._handle = handle
         self._name = name
         self._concurrent = concurrent
@@ -163,20 +163,14 @@ class RequestWorker:
 
     def submit(self, *job: Any) -> None:
         if self._concurrent:
-            import threading
-
             threading.Thread(target=self._handle, args=job, name=f"{self._name}-request", daemon=True).start()
         else:
             self._calls.put((self._handle, job, None))
 
     def on_server(self, fn: Any, *args: Any) -> Any:
         """`fn(*args)` run on the server thread (at once when called from it); its result or exception."""
-        import threading
-
         if threading.current_thread() is self._thread:
             return fn(*args)
-        from concurrent.futures import Future
-
         done: Future = Future()
         self._calls.put((fn, args, done))
         return done.result()
