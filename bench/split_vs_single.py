@@ -9,6 +9,7 @@ with the embedded store vs Redis (a real redis-server on a free port).
 `--remote` names the stages the front reaches on the pool (the rest stay on the front, over BLS; default: all
 three, the split chart's layout); one stage remote measures that hop alone.
 
+All three servers run at once and each run measures both layouts, in alternating order (see `_alternated`).
 TTFA as in bench/speech_streams.py (client side: first audio chunk received - request sent). Turn-2 latency:
 wall time of one follow-up request (`session_id` + `text`, 4 new tokens, text reply) after a first turn.
 """
@@ -85,9 +86,21 @@ def _turn_two(url: str, turns: int) -> list[float]:
     return out[1:]
 
 
-def _ttfa(url: str, levels: list[int], runs: int, tokens: int) -> dict[int, dict[str, list[float]]]:
-    run_level(url, 1, 1, tokens)  # warm-up
-    return {level: run_level(url, level, runs, tokens) for level in levels}
+def _alternated(urls: dict[str, str], levels: list[int], runs: int, tokens: int
+                ) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """Each run measures every layout once, in an order that alternates between runs, with all servers up: the
+    ratio then compares layouts under the same load of this shared machine, not under whatever drifted between
+    two sequential blocks (the host's own load moves more than the hop costs)."""
+    for url in urls.values():
+        run_level(url, 1, 1, tokens)  # warm-up
+    out: dict[str, dict[int, dict[str, list[float]]]] = {name: {} for name in urls}
+    for level in levels:
+        for r in range(runs):
+            for name in (list(urls) if r % 2 == 0 else list(reversed(urls))):
+                stats = run_level(urls[name], level, 1, tokens)
+                for key, values in stats.items():
+                    out[name].setdefault(level, {}).setdefault(key, []).extend(values)
+    return out
 
 
 def main() -> None:
@@ -100,41 +113,37 @@ def main() -> None:
     ap.add_argument("--remote", nargs="+", default=list(POOL_STAGES), choices=POOL_STAGES)
     args = ap.parse_args()
     ckpt = checkpoint(args.preset)
-    ttfa: dict[str, dict[int, dict[str, list[float]]]] = {}
     turn2: dict[str, list[float]] = {}
 
-    cfg, single = _server(ckpt, None, {}, None)
-    single.start()
-    try:
-        url = f"127.0.0.1:{cfg.grpc_port}"
-        ttfa["single"] = _ttfa(url, args.levels, args.runs, args.tokens)
-        turn2["embedded"] = _turn_two(url, args.turns)
-    finally:
-        single.stop()
-
     redis_proc, redis_url = _redis()
+    servers = []
     try:
+        cfg, single = _server(ckpt, None, {}, None)
+        servers.append(single)
+        single.start()
         local = [m for m in POOL_STAGES if m not in args.remote]
         pool_cfg, pool = _server(ckpt, list(args.remote), {}, None)
+        servers.append(pool)
         pool.start()
         address = f"127.0.0.1:{pool_cfg.grpc_port}"
         front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder", *local],
                                    {stage: address for stage in args.remote}, redis_url)
+        servers.append(front)
         front.start()
-        try:
-            url = f"127.0.0.1:{front_cfg.grpc_port}"
-            ttfa["split"] = _ttfa(url, args.levels, args.runs, args.tokens)
-            turn2["redis (split)"] = _turn_two(url, args.turns)
-        finally:
-            front.stop()
-            pool.stop()
+        urls = {"single": f"127.0.0.1:{cfg.grpc_port}", "split": f"127.0.0.1:{front_cfg.grpc_port}"}
+        ttfa = _alternated(urls, args.levels, args.runs, args.tokens)
+        turn2["embedded"] = _turn_two(urls["single"], args.turns)
+        turn2["redis (split)"] = _turn_two(urls["split"], args.turns)
+        for server in servers:
+            server.stop()
+        servers.clear()
         cfg, single = _server(ckpt, None, {}, redis_url)
+        servers.append(single)
         single.start()
-        try:
-            turn2["redis"] = _turn_two(f"127.0.0.1:{cfg.grpc_port}", args.turns)
-        finally:
-            single.stop()
+        turn2["redis"] = _turn_two(f"127.0.0.1:{cfg.grpc_port}", args.turns)
     finally:
+        for server in servers:
+            server.stop()
         redis_proc.terminate()
         redis_proc.wait(10)
 

@@ -1,7 +1,7 @@
 """README claims about limits, checked on a real tritonserver over real gRPC with small bounds set through the
 models' config parameters (ServerConfig.model_parameters): server-held sessions bounded (least recently used
 out) and expiring; a full token2wav answering UNAVAILABLE (raw and through the pipeline) and a failed request
-leaving no synthesis stream behind; token2wav's `batching` switch off on a live server. (`stepaudio2 serve`
+leaving no synthesis stream behind; a token2wav start with codes equal to a start and a push; token2wav's `batching` switch off on a live server. (`stepaudio2 serve`
 stopping cleanly: SIGINT in tests/test_wheel.py, SIGTERM in tests/test_reliability_serving.py.)
 
 Oracles: the parameters themselves (bound, TTL, stream limit) and the in-process reference pipeline for audio.
@@ -107,7 +107,8 @@ def test_server_held_sessions_expire_after_the_idle_ttl(client) -> None:
 def _t2w_call(g, op: str, **tensors: np.ndarray):
     inputs = []
     for name, value in (("op", np.array([[op.encode()]], dtype=np.object_)), *tensors.items()):
-        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}.get(value.dtype, "BYTES")
+        dtype = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(bool): "BOOL"}.get(
+            value.dtype, "BYTES")
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
@@ -143,6 +144,39 @@ def test_full_token2wav_answers_unavailable_and_failed_requests_leave_no_stream(
     ok = client.generate({"task": "voice-chat", "sampling": SAMPLING}, (ASSETS / "hello_en.wav").read_bytes())
     assert ok["audio"]["samples"] == len(ok["audio_codes"]) * 960 > 0
     assert _value(_metrics(small), T2W_ACTIVE) == 0  # released on its last chunk
+
+
+def test_a_token2wav_start_with_codes_is_a_start_and_a_push_in_one_call(small) -> None:
+    """The pipeline opens each speech stream with its first chunk (one call): the same PCM as a start and then a
+    push, the stream stays open for the next push, and a start whose push is refused leaves no stream."""
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{small.grpc_port}")
+    first = np.arange(28, dtype=np.int64)[None] % 16
+    rest = (np.arange(25, dtype=np.int64)[None] * 7) % 16
+    no, yes = np.array([[False]]), np.array([[True]])
+    try:
+        voice = g.infer("voice_prompt", [])
+        sid = _start_stream(g, voice)
+        two_calls = [_t2w_call(g, "push", stream_id=np.array([[sid.encode()]], dtype=np.object_), codes=c, last=e)
+                     .as_numpy("pcm").reshape(-1) for c, e in ((first, no), (rest, yes))]
+        prompt = {k: voice.as_numpy(k)[None] for k in ("prompt_tokens", "prompt_mel", "prompt_xvector")}
+        opened = _t2w_call(g, "start", **prompt, voice_id=voice.as_numpy("voice_id").reshape(1, 1),
+                           seed=np.array([[0]], np.int64), codes=first, last=no)
+        sid2 = opened.as_numpy("stream_id").reshape(-1)[0].decode()
+        assert sid2 and sid2 != sid
+        one_call = [opened.as_numpy("pcm").reshape(-1),
+                    _t2w_call(g, "push", stream_id=np.array([[sid2.encode()]], dtype=np.object_), codes=rest,
+                              last=yes).as_numpy("pcm").reshape(-1)]
+        assert two_calls[0].size > 0 and two_calls[1].size > 0
+        for a, b in zip(two_calls, one_call, strict=True):
+            np.testing.assert_array_equal(a, b)  # batching is off on this server: one stream per call, exact
+        assert _value(_metrics(small), T2W_ACTIVE) == 0  # both released on their last chunk
+        with pytest.raises(InferenceServerException) as err:  # ends at once without a code: refused
+            _t2w_call(g, "start", **prompt, voice_id=voice.as_numpy("voice_id").reshape(1, 1),
+                      seed=np.array([[0]], np.int64), codes=np.zeros((1, 0), np.int64), last=yes)
+        assert "INVALID_ARG" in str(err.value.status()) and "without any speech code" in err.value.message()
+        assert _value(_metrics(small), T2W_ACTIVE) == 0  # the stream it opened was closed again
+    finally:
+        g.close()
 
 
 # ---- the batching switch -------------------------------------------------------------------------------------

@@ -124,11 +124,15 @@ class BlsStages:
         return [pb.Tensor("prompt_tokens", prompt["prompt_tokens"]), pb.Tensor("prompt_mel", prompt["prompt_mel"]),
                 pb.Tensor("prompt_xvector", prompt["prompt_xvector"]), pb.Tensor("voice_id", prompt["voice_id"])]
 
-    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str:
+    def speech_open(self, prompt: dict[str, np.ndarray], seed: int, codes: list[int], last: bool
+                    ) -> tuple[str, np.ndarray]:
         pb = self.pb
         resp = self._token2wav([bytes_tensor(pb, "op", "start"), *self._prompt_inputs(prompt),
-                                pb.Tensor("seed", np.array([seed], np.int64))], ["stream_id"])
-        return bytes_value(pb.get_output_tensor_by_name(resp, "stream_id").as_numpy()).decode()
+                                pb.Tensor("seed", np.array([seed], np.int64)),
+                                pb.Tensor("codes", np.asarray(codes, np.int64)),
+                                pb.Tensor("last", np.array([last], bool))], ["stream_id", "pcm"])
+        return (bytes_value(pb.get_output_tensor_by_name(resp, "stream_id").as_numpy()).decode(),
+                pb.get_output_tensor_by_name(resp, "pcm").as_numpy().reshape(-1).copy())
 
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
         pb = self.pb
@@ -180,8 +184,9 @@ class ServerThreadStages:
     def voice(self, audio: bytes | None, voice_id: str | None) -> dict[str, np.ndarray]:
         return self.on_server(self.stages.voice, audio, voice_id)
 
-    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str:
-        return self.on_server(self.stages.speech_start, prompt, seed)
+    def speech_open(self, prompt: dict[str, np.ndarray], seed: int, codes: list[int], last: bool
+                    ) -> tuple[str, np.ndarray]:
+        return self.on_server(self.stages.speech_open, prompt, seed, codes, last)
 
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
         return self.on_server(self.stages.speech_push, stream_id, codes, last)

@@ -56,6 +56,8 @@ class GrpcStages:
         self._grpc = grpcclient
         self._unary = grpcclient.InferenceServerClient(url=url)
         self._reply = threading.local()  # per serving thread: a front may serve several replies side by side
+        self._idle_clients: list[Any] = []  # stream clients of finished replies: their channels stay connected
+        self._idle_lock = threading.Lock()
 
     @property
     def at_response_end(self) -> bool:
@@ -68,6 +70,25 @@ class GrpcStages:
 
     def close(self) -> None:
         self._unary.close()
+        with self._idle_lock:
+            idle, self._idle_clients = self._idle_clients, []
+        for client in idle:
+            client.close()
+
+    def _stream_client(self) -> Any:
+        """A client for one reply's stream (tritonclient runs one stream per client). A new one costs a channel, a
+        TCP connection and its HTTP/2 handshake, so a cleanly finished reply's client is kept for the next."""
+        with self._idle_lock:
+            if self._idle_clients:
+                return self._idle_clients.pop()
+        return self._grpc.InferenceServerClient(url=self.url)
+
+    def _keep_or_close(self, client: Any, clean: bool) -> None:
+        if clean:
+            with self._idle_lock:
+                self._idle_clients.append(client)
+                return
+        client.close()
 
     def _error(self, exc: Any, stage: str) -> Exception:
         """The remote's error with its status kept (stream errors carry it as a "[STATUS] " prefix)."""
@@ -115,33 +136,39 @@ class GrpcStages:
         sequence_id = uuid.uuid4().hex
         inputs += [_text("sampling", json.dumps(sampling.to_dict())), _text("sequence_id", sequence_id)]
         responses: queue.Queue = queue.Queue()
-        client = self._grpc.InferenceServerClient(url=self.url)  # one bidirectional stream per reply
+        client = self._stream_client()  # one bidirectional stream per reply
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        finished = False
+        finished = clean = False
         try:
             self._send(client, responses, inputs, sequence_id)
             while not finished:
-                result, error = self._next(responses)
-                if error is not None:
-                    finished = True
-                    raise self._error(error, "llm")
-                if is_cancelled():
+                arrived = self._arrived(responses)
+                if is_cancelled():  # asked once per batch: on a split front it is a hop to the server thread
                     self._cancel_remote(client, responses, sequence_id)
                     finished = True
                     raise Cancelled()
-                tokens = result.as_numpy("token_ids")
-                ids = tokens.reshape(-1).tolist() if tokens is not None else []
-                for k, tok in enumerate(ids):
-                    self.at_response_end = k == len(ids) - 1  # lets the caller flush merged events here
-                    yield int(tok)
-                self.at_response_end = True
-                reason = result.as_numpy("finish_reason")
-                if reason is not None and reason.size:
-                    yield bytes(reason.reshape(-1)[0]).decode()
-                finished = result.get_response().parameters["triton_final_response"].bool_param
+                for n, (result, error) in enumerate(arrived):
+                    if error is not None:
+                        finished = True
+                        raise self._error(error, "llm")
+                    last_here = n == len(arrived) - 1
+                    tokens = result.as_numpy("token_ids")
+                    ids = tokens.reshape(-1).tolist() if tokens is not None else []
+                    for k, tok in enumerate(ids):
+                        # lets the caller flush merged events where nothing more is waiting
+                        self.at_response_end = last_here and k == len(ids) - 1
+                        yield int(tok)
+                    self.at_response_end = last_here
+                    reason = result.as_numpy("finish_reason")
+                    if reason is not None and reason.size:
+                        yield bytes(reason.reshape(-1)[0]).decode()
+                    finished = result.get_response().parameters["triton_final_response"].bool_param
+                    if finished:
+                        clean = True
+                        break
         finally:
             client.stop_stream(cancel_requests=not finished)  # a generator closed early cancels the stream
-            client.close()
+            self._keep_or_close(client, clean)
 
     def _send(self, client: Any, responses: queue.Queue, inputs: list, request_id: str) -> None:
         """Queue one request on the stream; a stream that already broke raises here instead of in the callback."""
@@ -155,6 +182,16 @@ class GrpcStages:
             except queue.Empty:
                 error = None
             raise self._error(error or exc, "llm") from None
+
+    def _arrived(self, responses: queue.Queue) -> list[tuple[Any, Any]]:
+        """The next response and every one already queued behind it. A front that fell behind the llm (its
+        per-response hops cost more than a decode step) then pays them once for all of these, not per token."""
+        arrived = [self._next(responses)]
+        while True:
+            try:
+                arrived.append(responses.get_nowait())
+            except queue.Empty:
+                return arrived
 
     def _next(self, responses: queue.Queue) -> tuple[Any, Any]:
         try:
@@ -205,10 +242,13 @@ class GrpcStages:
         return [_tensor(name, prompt[name], batched=True)
                 for name in ("prompt_tokens", "prompt_mel", "prompt_xvector", "voice_id")]
 
-    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str:
+    def speech_open(self, prompt: dict[str, np.ndarray], seed: int, codes: list[int], last: bool
+                    ) -> tuple[str, np.ndarray]:
         res = self._infer("token2wav", [_text("op", "start", True), *self._prompt_inputs(prompt),
-                                        _tensor("seed", np.array([seed], np.int64), True)], ["stream_id"])
-        return bytes(res.as_numpy("stream_id").reshape(-1)[0]).decode()
+                                        _tensor("seed", np.array([seed], np.int64), True),
+                                        _tensor("codes", np.asarray(codes, np.int64), True),
+                                        _tensor("last", np.array([last], bool), True)], ["stream_id", "pcm"])
+        return bytes(res.as_numpy("stream_id").reshape(-1)[0]).decode(), res.as_numpy("pcm").reshape(-1).copy()
 
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
         res = self._infer("token2wav", [_text("op", "push", True), _text("stream_id", stream_id, True),
@@ -248,8 +288,9 @@ class RoutedStages:
     def voice(self, audio: bytes | None, voice_id: str | None) -> dict[str, np.ndarray]:
         return self.by_stage["voice_prompt"].voice(audio, voice_id)
 
-    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str:
-        return self.by_stage["token2wav"].speech_start(prompt, seed)
+    def speech_open(self, prompt: dict[str, np.ndarray], seed: int, codes: list[int], last: bool
+                    ) -> tuple[str, np.ndarray]:
+        return self.by_stage["token2wav"].speech_open(prompt, seed, codes, last)
 
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
         return self.by_stage["token2wav"].speech_push(stream_id, codes, last)

@@ -4,7 +4,8 @@
 One `SpeechRoute` per reply, on the pipeline's thread: `feed` takes each AudioCodes event; when the 25 + 3 chunk
 rule makes a chunk due it opens the token2wav stream (first time), pushes the new codes and sends the PCM. The
 LLM keeps generating meanwhile (its tokens wait in the BLS stream), so a chunk costs the text deltas after it one
-synthesis call of delay. `finish` pushes the end of the stream and returns the audio summary of the result;
+synthesis call of delay. The stream opens with its first chunk (token2wav op "start" with codes): one call, so the
+first audio waits for one token2wav queue, not two. `finish` pushes the end of the stream and returns the audio summary of the result;
 `cancel` releases the server-side stream. (A worker thread would overlap the two, but several threads talking to
 the server from one stub crashed this Triton version's Python backend.)
 Modes: "stream" (chunks as they are ready), "offline" (one synthesis of the whole reply at the end), "none".
@@ -29,7 +30,8 @@ SPEECH_OUTPUTS = ("stream", "offline", "none")
 
 class SpeechStages(Protocol):
     def voice(self, audio: bytes | None, voice_id: str | None) -> dict[str, np.ndarray]: ...
-    def speech_start(self, prompt: dict[str, np.ndarray], seed: int) -> str: ...
+    def speech_open(self, prompt: dict[str, np.ndarray], seed: int, codes: list[int], last: bool
+                    ) -> tuple[str, np.ndarray]: ...
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray: ...
     def speech_cancel(self, stream_id: str) -> None: ...
     def speech_offline(self, codes: list[int], prompt: dict[str, np.ndarray], seed: int) -> np.ndarray: ...
@@ -144,10 +146,12 @@ class SpeechRoute:
 
     def _submit(self, last: bool) -> None:
         codes, self.submitted = self.codes[self.submitted :], len(self.codes)
-        if self.stream_id is None:
+        if self.stream_id is None:  # the stream opens with its first chunk: one token2wav call, not two
             self._ensure_prompt()
-            self.stream_id = self.stages.speech_start(self.prompt, self.options.seed)
-        self._deliver(self.stages.speech_push(self.stream_id, codes, last))
+            self.stream_id, pcm = self.stages.speech_open(self.prompt, self.options.seed, codes, last)
+        else:
+            pcm = self.stages.speech_push(self.stream_id, codes, last)
+        self._deliver(pcm)
         if last:
             self.stream_id = None  # token2wav released it with the last chunk
 

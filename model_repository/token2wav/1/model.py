@@ -58,8 +58,9 @@ def _seed(request) -> int:
 class _Answer:
     """Collects one job's result from the scheduler thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream_id: str | None = None) -> None:
         self.event = threading.Event()
+        self.stream_id = stream_id  # answered with the pcm: a start that also pushed
         self.pcm: np.ndarray | None = None
         self.error: BaseException | None = None
 
@@ -118,7 +119,16 @@ class TritonPythonModel:
         stream_id = _text(request, "stream_id")
         if op == "start":
             sid = self.scheduler.start_stream(_prompt(request, self.flow_cfg), seed=_seed(request))
-            return pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)])
+            if _item(request, "codes") is None:
+                return pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)])
+            # A start with codes also pushes them: a stream's first chunk then waits for one queue, not two.
+            answer = _Answer(stream_id=sid)
+            try:
+                self._push(sid, request, answer)
+            except Exception:
+                self.scheduler.cancel(sid)
+                raise
+            return answer
         if op == "cancel":
             self.scheduler.cancel(stream_id)  # unknown ids are fine: the stream may have just finished
             return pb_utils.InferenceResponse(output_tensors=[])
@@ -126,9 +136,7 @@ class TritonPythonModel:
         if op == "push":
             if not stream_id:
                 raise InvalidInputError("op 'push' needs a stream_id")
-            last, codes = _item(request, "last"), _item(request, "codes")
-            self.scheduler.push(stream_id, np.zeros(0, np.int64) if codes is None else codes.reshape(-1),
-                                bool(last is not None and last.size and last.reshape(-1)[0]), answer)
+            self._push(stream_id, request, answer)
         elif op == "offline":
             codes = _item(request, "codes", True).reshape(-1)
             self.scheduler.offline(codes, _prompt(request, self.flow_cfg), _seed(request), answer)
@@ -154,10 +162,18 @@ class TritonPythonModel:
                 if item.error is not None:
                     item = pb_utils.InferenceResponse(error=triton_error(pb_utils, item.error))
                 else:
-                    item = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("pcm", item.pcm[None])])
+                    outputs = [pb_utils.Tensor("pcm", item.pcm[None])]
+                    if item.stream_id is not None:
+                        outputs.append(bytes_tensor(pb_utils, "stream_id", item.stream_id))
+                    item = pb_utils.InferenceResponse(output_tensors=outputs)
             responses.append(item)
         self._gauges()
         return responses
+
+    def _push(self, stream_id: str, request, answer: _Answer) -> None:
+        last, codes = _item(request, "last"), _item(request, "codes")
+        self.scheduler.push(stream_id, np.zeros(0, np.int64) if codes is None else codes.reshape(-1),
+                            bool(last is not None and last.size and last.reshape(-1)[0]), answer)
 
     def finalize(self) -> None:
         self.scheduler.close()
