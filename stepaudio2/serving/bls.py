@@ -124,21 +124,22 @@ class BlsStages:
         return [pb.Tensor("prompt_tokens", prompt["prompt_tokens"]), pb.Tensor("prompt_mel", prompt["prompt_mel"]),
                 pb.Tensor("prompt_xvector", prompt["prompt_xvector"]), pb.Tensor("voice_id", prompt["voice_id"])]
 
+    def _push_inputs(self, codes: list[int], last: bool) -> list:
+        return [self.pb.Tensor("codes", np.asarray(codes, np.int64)), self.pb.Tensor("last", np.array([last], bool))]
+
     def speech_open(self, prompt: dict[str, np.ndarray], seed: int, codes: list[int], last: bool
                     ) -> tuple[str, np.ndarray]:
         pb = self.pb
         resp = self._token2wav([bytes_tensor(pb, "op", "start"), *self._prompt_inputs(prompt),
-                                pb.Tensor("seed", np.array([seed], np.int64)),
-                                pb.Tensor("codes", np.asarray(codes, np.int64)),
-                                pb.Tensor("last", np.array([last], bool))], ["stream_id", "pcm"])
+                                pb.Tensor("seed", np.array([seed], np.int64)), *self._push_inputs(codes, last)],
+                               ["stream_id", "pcm"])
         return (bytes_value(pb.get_output_tensor_by_name(resp, "stream_id").as_numpy()).decode(),
                 pb.get_output_tensor_by_name(resp, "pcm").as_numpy().reshape(-1).copy())
 
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
         pb = self.pb
         resp = self._token2wav([bytes_tensor(pb, "op", "push"), bytes_tensor(pb, "stream_id", stream_id),
-                                pb.Tensor("codes", np.asarray(codes, np.int64)),
-                                pb.Tensor("last", np.array([last], bool))], ["pcm"])
+                                *self._push_inputs(codes, last)], ["pcm"])
         return pb.get_output_tensor_by_name(resp, "pcm").as_numpy().reshape(-1).copy()
 
     def speech_cancel(self, stream_id: str) -> None:

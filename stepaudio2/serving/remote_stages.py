@@ -40,6 +40,10 @@ def _tensor(name: str, array: np.ndarray, batched: bool = False):
     return t
 
 
+def _push_inputs(codes: list[int], last: bool) -> list:
+    return [_tensor("codes", np.asarray(codes, np.int64), True), _tensor("last", np.array([last], bool), True)]
+
+
 def _text(name: str, value: str | bytes, batched: bool = False):
     data = value.encode("utf-8") if isinstance(value, str) else value
     return _tensor(name, np.array([data], dtype=np.object_), batched)
@@ -84,11 +88,11 @@ class GrpcStages:
         return self._grpc.InferenceServerClient(url=self.url)
 
     def _keep_or_close(self, client: Any, clean: bool) -> None:
-        if clean:
-            with self._idle_lock:
-                self._idle_clients.append(client)
-                return
-        client.close()
+        if not clean:  # its stream broke or was cancelled: start the next reply on a fresh channel
+            client.close()
+            return
+        with self._idle_lock:  # at most as many as replies ran at once
+            self._idle_clients.append(client)
 
     def _error(self, exc: Any, stage: str) -> Exception:
         """The remote's error with its status kept (stream errors carry it as a "[STATUS] " prefix)."""
@@ -246,14 +250,12 @@ class GrpcStages:
                     ) -> tuple[str, np.ndarray]:
         res = self._infer("token2wav", [_text("op", "start", True), *self._prompt_inputs(prompt),
                                         _tensor("seed", np.array([seed], np.int64), True),
-                                        _tensor("codes", np.asarray(codes, np.int64), True),
-                                        _tensor("last", np.array([last], bool), True)], ["stream_id", "pcm"])
+                                        *_push_inputs(codes, last)], ["stream_id", "pcm"])
         return bytes(res.as_numpy("stream_id").reshape(-1)[0]).decode(), res.as_numpy("pcm").reshape(-1).copy()
 
     def speech_push(self, stream_id: str, codes: list[int], last: bool) -> np.ndarray:
         res = self._infer("token2wav", [_text("op", "push", True), _text("stream_id", stream_id, True),
-                                        _tensor("codes", np.asarray(codes, np.int64), True),
-                                        _tensor("last", np.array([last], bool), True)], ["pcm"])
+                                        *_push_inputs(codes, last)], ["pcm"])
         return res.as_numpy("pcm").reshape(-1).copy()
 
     def speech_cancel(self, stream_id: str) -> None:

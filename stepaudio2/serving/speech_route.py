@@ -6,8 +6,8 @@ rule makes a chunk due it opens the token2wav stream (first time), pushes the ne
 LLM keeps generating meanwhile (its tokens wait in the BLS stream), so a chunk costs the text deltas after it one
 synthesis call of delay. The stream opens with its first chunk (token2wav op "start" with codes): one call, so the
 first audio waits for one token2wav queue, not two. `finish` pushes the end of the stream and returns the audio
-summary of the result; `cancel` releases the server-side stream. (A worker thread would overlap the two, but several threads talking to
-the server from one stub crashed this Triton version's Python backend.)
+summary of the result; `cancel` releases the server-side stream. (A worker thread would overlap the two, but
+several threads talking to the server from one stub crashed this Triton version's Python backend.)
 Modes: "stream" (chunks as they are ready), "offline" (one synthesis of the whole reply at the end), "none".
 """
 

@@ -116,6 +116,18 @@ class SynthesisScheduler:
             stream.jobs.append(_Push(clean, bool(last), done, time.monotonic()))
             self._cv.notify()
 
+    def open_stream(self, prompt: PromptLike, seed: int, codes: Sequence[int] | np.ndarray, last: bool,
+                    done: Done) -> str:
+        """`start_stream` and the stream's first `push` in one call (a stream's first chunk then waits for one
+        request queue, not two). A push refused here closes the stream again before raising."""
+        stream_id = self.start_stream(prompt, seed=seed)
+        try:
+            self.push(stream_id, codes, last, done)
+        except Exception:
+            self.cancel(stream_id)
+            raise
+        return stream_id
+
     def offline(self, codes: Sequence[int] | np.ndarray, prompt: PromptLike, seed: int, done: Done) -> None:
         clean = sanitize_codes(codes, self.t2w.pad_code)
         if not clean:

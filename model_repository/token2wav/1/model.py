@@ -50,6 +50,13 @@ def _prompt(request, flow_cfg) -> VoicePrompt:
     return VoicePrompt(tokens=tokens, xvector=xvector, mel=mel, key=_text(request, "voice_id") or None)
 
 
+def _codes(request) -> tuple[np.ndarray, bool]:
+    """A push's (codes, last); no codes is an empty push."""
+    last, codes = _item(request, "last"), _item(request, "codes")
+    return (np.zeros(0, np.int64) if codes is None else codes.reshape(-1),
+            bool(last is not None and last.size and last.reshape(-1)[0]))
+
+
 def _seed(request) -> int:
     seed = _item(request, "seed")
     return 0 if seed is None or seed.size == 0 else int(seed.reshape(-1)[0])
@@ -58,9 +65,9 @@ def _seed(request) -> int:
 class _Answer:
     """Collects one job's result from the scheduler thread."""
 
-    def __init__(self, stream_id: str | None = None) -> None:
+    def __init__(self) -> None:
         self.event = threading.Event()
-        self.stream_id = stream_id  # answered with the pcm: a start that also pushed
+        self.stream_id: str | None = None  # answered with the pcm: a start that also pushed
         self.pcm: np.ndarray | None = None
         self.error: BaseException | None = None
 
@@ -118,16 +125,12 @@ class TritonPythonModel:
         op = _text(request, "op")
         stream_id = _text(request, "stream_id")
         if op == "start":
-            sid = self.scheduler.start_stream(_prompt(request, self.flow_cfg), seed=_seed(request))
+            prompt, seed = _prompt(request, self.flow_cfg), _seed(request)
             if _item(request, "codes") is None:
+                sid = self.scheduler.start_stream(prompt, seed=seed)
                 return pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)])
-            # A start with codes also pushes them: a stream's first chunk then waits for one queue, not two.
-            answer = _Answer(stream_id=sid)
-            try:
-                self._push(sid, request, answer)
-            except Exception:
-                self.scheduler.cancel(sid)
-                raise
+            answer = _Answer()  # a start with codes also pushes them, and answers the stream id with the pcm
+            answer.stream_id = self.scheduler.open_stream(prompt, seed, *_codes(request), answer)
             return answer
         if op == "cancel":
             self.scheduler.cancel(stream_id)  # unknown ids are fine: the stream may have just finished
@@ -136,7 +139,7 @@ class TritonPythonModel:
         if op == "push":
             if not stream_id:
                 raise InvalidInputError("op 'push' needs a stream_id")
-            self._push(stream_id, request, answer)
+            self.scheduler.push(stream_id, *_codes(request), answer)
         elif op == "offline":
             codes = _item(request, "codes", True).reshape(-1)
             self.scheduler.offline(codes, _prompt(request, self.flow_cfg), _seed(request), answer)
@@ -169,11 +172,6 @@ class TritonPythonModel:
             responses.append(item)
         self._gauges()
         return responses
-
-    def _push(self, stream_id: str, request, answer: _Answer) -> None:
-        last, codes = _item(request, "last"), _item(request, "codes")
-        self.scheduler.push(stream_id, np.zeros(0, np.int64) if codes is None else codes.reshape(-1),
-                            bool(last is not None and last.size and last.reshape(-1)[0]), answer)
 
     def finalize(self) -> None:
         self.scheduler.close()
