@@ -17,7 +17,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_throughput import _port, _requests, served  # noqa: E402
+from serving_throughput import _requests, served  # noqa: E402
+
+from stepaudio2.serving.ports import unused_port  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
 
     reqs = _requests(max(args.levels), args.tokens, args.task, args.sampling)
     cfg = ServerConfig(checkpoint=Path(args.checkpoint), runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-base-")),
-                       grpc_port=_port(), http_port=_port(), metrics_port=_port())
+                       grpc_port=unused_port(), http_port=unused_port(), metrics_port=unused_port())
     server = TritonProcess(cfg)
     server.start(timeout_s=900)
     try:

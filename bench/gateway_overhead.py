@@ -28,15 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT  # noqa: E402
 
+from stepaudio2.serving.ports import unused_port  # noqa: E402
+
 CLIP = ROOT / "stepaudio2" / "assets" / "hello_en.wav"
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _direct(url: str, audio: bytes, tokens: int) -> tuple[float, float, int]:
@@ -150,7 +146,7 @@ def main() -> None:
 
         ckpt = ensure_taught_checkpoint()
     runtime = Path(tempfile.mkdtemp(prefix="stepaudio2-bench-gateway-"))
-    cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=_port(), http_port=_port(), metrics_port=_port())
+    cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=unused_port(), http_port=unused_port(), metrics_port=unused_port())
     exported = ckpt.parent / f"{ckpt.name}-onnx"
     if exported.is_dir():  # the tests' cached export: the launcher's hash check then skips exporting
         import shutil
@@ -159,7 +155,7 @@ def main() -> None:
     server = TritonProcess(cfg)
     server.start()
     grpc_url = f"127.0.0.1:{cfg.grpc_port}"
-    gateway = GatewayProcess(grpc_url, "127.0.0.1", _port(), runtime / "gateway.log")
+    gateway = GatewayProcess(grpc_url, "127.0.0.1", unused_port(), runtime / "gateway.log")
     gateway.start()
     paths = {"direct gRPC": (_direct, grpc_url), "gateway HTTP/SSE": (_gateway, gateway.url)}
     server_ttfa = (f"http://127.0.0.1:{cfg.metrics_port}/metrics", "stepaudio2_time_to_first_audio_seconds")

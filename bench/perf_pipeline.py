@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, checkpoint  # noqa: E402
-from serving_throughput import _port  # noqa: E402
+
+from stepaudio2.serving.ports import unused_port  # noqa: E402
 
 TOOLS = ROOT / ".build" / "tools"
 
@@ -42,8 +43,8 @@ def main() -> None:
                "sampling": {"temperature": 0, "max_new_tokens": args.tokens}}
     (work / "input.json").write_text(json.dumps({"data": [{"request": {"content": [json.dumps(request)],
                                                                        "shape": [1]}}]}))
-    cfg = ServerConfig(checkpoint=checkpoint(args.preset), runtime=work / "runtime", grpc_port=_port(),
-                       http_port=_port(), metrics_port=_port())
+    cfg = ServerConfig(checkpoint=checkpoint(args.preset), runtime=work / "runtime", grpc_port=unused_port(),
+                       http_port=unused_port(), metrics_port=unused_port())
     server = TritonProcess(cfg)
     server.start()
     cudart = next((TOOLS / "lib").glob("python3*/site-packages/nvidia/cuda_runtime/lib"))

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, checkpoint, summary  # noqa: E402
 
+from stepaudio2.serving.ports import unused_port  # noqa: E402
+
 CLIPS = ["hello_en.wav", "nihao_zh.wav", "weather_en.wav"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _requests(n: int, tokens: int, task: str = "asr", sampling: str = "greedy") -> list[tuple[dict, bytes | None]]:
@@ -187,7 +184,7 @@ def main() -> None:
     ckpt = checkpoint(args.preset)
     reqs = _requests(max(args.levels), args.tokens, args.task, args.sampling)
     runtime = Path(args.runtime) if args.runtime else Path(tempfile.mkdtemp(prefix="stepaudio2-bench-"))
-    cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=_port(), http_port=_port(), metrics_port=_port())
+    cfg = ServerConfig(checkpoint=ckpt, runtime=runtime, grpc_port=unused_port(), http_port=unused_port(), metrics_port=unused_port())
     server = TritonProcess(cfg)
     server.start()
     rows, rss, ttft = {}, {}, {}

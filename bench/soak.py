@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from stepaudio2.serving.ports import unused_port  # noqa: E402
 from stepaudio2.serving.supervisor import stub_pids, tree_rss_mb  # noqa: E402
 from stepaudio2_client import ClientError, StepAudio2Client  # noqa: E402
 
@@ -36,12 +37,6 @@ HELLO = (ROOT / "stepaudio2" / "assets" / "hello_en.wav").read_bytes()
 KINDS = ["asr", "chat", "voice-chat", "cancel", "bad"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health(port: int) -> int:
@@ -93,11 +88,11 @@ def main() -> int:
         ckpt = str(work / "ckpt")
         subprocess.run([sys.executable, "-m", "stepaudio2.cli", "tiny", "--out", ckpt], check=True,
                        stdout=subprocess.DEVNULL)
-    grpc_port, health_port = free_port(), free_port()
+    grpc_port, health_port = unused_port(), unused_port()
     log = open(work / "serve.out", "wb")  # noqa: SIM115 (open for the server's lifetime)
     serve = subprocess.Popen(
         [sys.executable, "-m", "stepaudio2.cli", "serve", "--checkpoint", ckpt, "--runtime", str(work / "rt"),
-         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+         "--grpc-port", str(grpc_port), "--http-port", str(unused_port()), "--metrics-port", str(unused_port()),
          "--health-port", str(health_port), "--max-restarts", "100"], stdout=log, stderr=subprocess.STDOUT)
     try:
         while health(health_port) != 200:

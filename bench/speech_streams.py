@@ -23,15 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, checkpoint  # noqa: E402
 
+from stepaudio2.serving.ports import unused_port  # noqa: E402
+
 CLIPS = ["hello_en.wav", "weather_en.wav", "nihao_zh.wav"]
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _one_stream(url: str, audio: bytes, tokens: int, out: list, i: int) -> None:
@@ -100,7 +96,7 @@ def main() -> None:
     results: dict[tuple[str, int], dict[str, list[float]]] = {}
     for batching in ("true", "false"):
         cfg = ServerConfig(checkpoint=ckpt, runtime=Path(tempfile.mkdtemp(prefix="stepaudio2-bench-speech-")),
-                           grpc_port=_port(), http_port=_port(), metrics_port=_port(),
+                           grpc_port=unused_port(), http_port=unused_port(), metrics_port=unused_port(),
                            model_parameters={"token2wav": {"batching": batching}})
         server = TritonProcess(cfg)
         server.start()

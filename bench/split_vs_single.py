@@ -27,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import checkpoint  # noqa: E402
-from speech_streams import _cell, _port, run_level  # noqa: E402
+from speech_streams import _cell, run_level  # noqa: E402
+
+from stepaudio2.serving.ports import unused_port  # noqa: E402
 
 POOL_STAGES = ("llm", "token2wav", "voice_prompt")  # the stages a front can reach on a pool
 _EXPORTS: dict[Path, Path] = {}
@@ -51,13 +53,13 @@ def _server(ckpt: Path, models: list[str] | None, remotes: dict[str, str], store
     runtime = Path(tempfile.mkdtemp(prefix="stepaudio2-bench-split-"))
     shutil.copytree(_exported(ckpt), runtime / "model_repository")  # the launcher's export is then a no-op
     cfg = ServerConfig(checkpoint=ckpt, runtime=runtime,
-                       grpc_port=_port(), http_port=_port(), metrics_port=_port(), model_parameters=params,
+                       grpc_port=unused_port(), http_port=unused_port(), metrics_port=unused_port(), model_parameters=params,
                        extra_args=args)
     return cfg, TritonProcess(cfg)
 
 
 def _redis() -> tuple[subprocess.Popen, str]:
-    port = _port()
+    port = unused_port()
     proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
                              "127.0.0.1", "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
     import redis

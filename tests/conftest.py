@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import socket
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -180,9 +179,10 @@ def dev_shm_left_as_found():
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a server a test starts (see stepaudio2/serving/ports.py for why not just port 0)."""
+    from stepaudio2.serving.ports import unused_port
+
+    return unused_port()
 
 
 # A fixture's server has nothing in flight when it is stopped, and no test of it is about shutdown (those run
