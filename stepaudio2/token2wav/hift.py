@@ -19,7 +19,7 @@ fit is reported by name.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -263,18 +263,26 @@ class HiFTGenerator(nn.Module):
         self,
         speech_feat: torch.Tensor,
         cache_source: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mel (B, mel_bins, T) -> (waveform (B, T * hop), excitation (B, 1, T * hop)).
 
         `cache_source` (B, 1, S), S <= T * hop: the excitation of the previous chunk's overlap; it replaces the
         start of the new excitation so the re-synthesised overlap matches what was played (streaming).
-        `generator` drives the random phase and noise of the excitation (None: torch's global RNG).
+        `generator` drives the random phase and noise of the excitation (None: torch's global RNG). A sequence
+        gives each row its own generator (several streams in one batch): row i then draws exactly what it
+        would draw alone.
         """
         x = self._check_mel(speech_feat)
         f0 = self.f0_predictor(x) if self.engine is None else self.engine.f0(x)  # (B, T) Hz
         f0_samples = f0.repeat_interleave(self.hop_length, dim=1).unsqueeze(-1)  # nearest upsampling, (B, L, 1)
-        source = self.m_source(f0_samples, generator).transpose(1, 2)  # (B, 1, L)
+        if generator is None or isinstance(generator, torch.Generator):
+            source = self.m_source(f0_samples, generator)
+        else:
+            if len(generator) != x.shape[0]:
+                raise InvalidInputError(f"HiFT got {len(generator)} generators for a batch of {x.shape[0]}")
+            source = torch.cat([self.m_source(f0_samples[i : i + 1], g) for i, g in enumerate(generator)])
+        source = source.transpose(1, 2)  # (B, 1, L)
         if cache_source is not None and cache_source.shape[-1] > 0:
             cache = self._check_cache(cache_source, source)
             source[:, :, : cache.shape[2]] = cache

@@ -217,8 +217,9 @@ class Token2Wav:
                 [plans[i][1][r][0] for i in idx],
                 [plans[i][1][r][1] for i in idx],
             )
-            for i, mel in zip(idx, mels, strict=True):
-                pieces[i].append(self._vocode(sessions[i], mel, plans[i][1][r][1]))
+            vocoded = self._vocode_many([sessions[i] for i in idx], mels, [plans[i][1][r][1] for i in idx])
+            for i, wav in zip(idx, vocoded, strict=True):
+                pieces[i].append(wav)
         out = []
         for s, last, p in zip(sessions, lasts, pieces, strict=True):
             wav = np.concatenate(p) if p else np.zeros(0, dtype=np.float32)
@@ -227,14 +228,32 @@ class Token2Wav:
             out.append(wav)
         return out
 
-    def _vocode(self, s: StreamSession, mel: torch.Tensor, last: bool) -> np.ndarray:
-        """HiFT on [previous 8 mel frames, chunk mel] with the previous excitation as cache_source; the first
-        3840 samples (the re-synthesised overlap) are Hamming cross-faded with the held-back tail, and the last
-        3840 are held back unless this is the last chunk."""
-        mel_in = mel.unsqueeze(0) if s.mel_tail is None else torch.cat([s.mel_tail, mel.unsqueeze(0)], dim=2)
-        if mel_in.shape[2] == 0:
-            return np.zeros(0, dtype=np.float32)
-        speech, source = self.hift.inference(mel_in, s.source_tail, s.generator)
+    def _vocode_many(self, sessions: Sequence[StreamSession], mels: Sequence[torch.Tensor],
+                     lasts: Sequence[bool]) -> list[np.ndarray]:
+        """HiFT on each stream's [previous 8 mel frames, chunk mel], with its previous excitation as cache_source.
+        Streams whose inputs have the same length (the usual case: every chunk of a round is 25 codes) share one
+        HiFT call, each row with its own generator, so a round costs one vocoder call instead of one per stream.
+        The first 3840 samples (the re-synthesised overlap) are Hamming cross-faded with the held-back tail, and
+        the last 3840 are held back unless this is the last chunk."""
+        inputs = [mel.unsqueeze(0) if s.mel_tail is None else torch.cat([s.mel_tail, mel.unsqueeze(0)], dim=2)
+                  for s, mel in zip(sessions, mels, strict=True)]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (s, mel_in) in enumerate(zip(sessions, inputs, strict=True)):
+            if mel_in.shape[2] > 0:
+                cached = 0 if s.source_tail is None else s.source_tail.shape[2]
+                groups.setdefault((mel_in.shape[2], cached), []).append(i)
+        out = [np.zeros(0, dtype=np.float32) for _ in sessions]
+        for (_, cached), rows in groups.items():
+            cache = torch.cat([sessions[i].source_tail for i in rows]) if cached else None
+            speech, source = self.hift.inference(torch.cat([inputs[i] for i in rows]), cache,
+                                                 [sessions[i].generator for i in rows])
+            for k, i in enumerate(rows):
+                out[i] = self._after_vocoder(sessions[i], inputs[i], speech[k : k + 1], source[k : k + 1], lasts[i])
+        return out
+
+    def _after_vocoder(self, s: StreamSession, mel_in: torch.Tensor, speech: torch.Tensor, source: torch.Tensor,
+                       last: bool) -> np.ndarray:
+        """Cross-fade one stream's new samples with its held-back tail, keep the new tails, trim the overlap."""
         tail = s.speech_tail
         if tail is not None and tail.shape[1] > 0:
             n = min(tail.shape[1], speech.shape[1])
