@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from pathlib import Path
@@ -208,3 +209,101 @@ def test_a_full_scheduler_refuses_with_capacity_error_and_a_failed_round_release
         sched.start_stream(prompt)  # the slots are free again
     finally:
         sched.close()
+
+
+class _HeldRounds:
+    """The real Token2Wav whose every streaming round stops before its first Euler step until the test lets it go
+    (`entered.get()` then `go.put(None)`): streams can be pushed while a round is known to be running."""
+
+    def __init__(self, t2w) -> None:
+        self._t2w = t2w
+        self.entered: queue.SimpleQueue = queue.SimpleQueue()
+        self.go: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __getattr__(self, name: str):
+        return getattr(self._t2w, name)
+
+    def push_many(self, sessions, codes_list, lasts, interrupt=None):
+        held = []
+
+        def gated(step: int) -> bool:
+            if not held:
+                held.append(step)
+                self.entered.put(len(sessions))
+                self.go.get(timeout=60)
+            return interrupt is not None and interrupt(step)
+
+        return self._t2w.push_many(sessions, codes_list, lasts, interrupt=gated)
+
+    def next_round(self) -> int:
+        """Wait for the next round to start; returns its number of streams (it stays held until `release`)."""
+        return self.entered.get(timeout=60)
+
+    def release(self) -> None:
+        self.go.put(None)
+
+
+def _first_chunk_alone(t2w, prompt, codes: list[int], seed: int) -> np.ndarray:
+    return t2w.push(t2w.start_stream(prompt, seed=seed), codes)
+
+
+def test_a_late_first_chunk_restarts_a_round_of_first_chunks_and_joins_it(t2w, prompt) -> None:
+    rng = np.random.default_rng(21)
+    codes = [rng.integers(0, 6561, 28).tolist() for _ in range(4)]
+    rounds: list[RoundStats] = []
+    held = _HeldRounds(t2w)
+    sched = SynthesisScheduler(held, on_round=rounds.append)
+    try:
+        ids = [sched.start_stream(prompt, seed=i) for i in range(4)]
+        cols = [Collector() for _ in ids]
+        sched.push(ids[0], codes[0], False, cols[0])
+        assert held.next_round() == 1
+        sched.push(ids[1], codes[1], False, cols[1])  # late: arrives while stream 0's round runs
+        held.release()
+        assert held.next_round() == 2  # restarted with both
+        sched.push(ids[2], codes[2], False, cols[2])
+        held.release()
+        assert held.next_round() == 3  # restarted again (the second and last time in a row)
+        sched.push(ids[3], codes[3], False, cols[3])
+        held.release()  # MAX_RESTARTS reached: this round runs to its end without stream 3
+        assert held.next_round() == 1
+        held.release()
+        outs = [c.wait() for c in cols]
+    finally:
+        sched.close()
+    assert [(r.kind, r.estimator_batch) for r in rounds] == [
+        ("restarted", 1), ("restarted", 2), ("stream", 3), ("stream", 1)], rounds
+    for i, out in enumerate(outs):  # a restart changes nothing: each equals its stream alone
+        want = _first_chunk_alone(t2w, prompt, codes[i], seed=i)
+        assert out.size == want.size > 0
+        np.testing.assert_allclose(out, want, rtol=0, atol=AUDIO_TOL)
+
+
+def test_rounds_with_audio_out_or_late_later_chunks_are_not_restarted(t2w, prompt) -> None:
+    rounds: list[RoundStats] = []
+    held = _HeldRounds(t2w)
+    sched = SynthesisScheduler(held, on_round=rounds.append)
+    try:
+        a, b, c = (sched.start_stream(prompt, seed=i) for i in range(3))
+        col_a, col_b, col_c = Collector(), Collector(), Collector()
+        sched.push(a, list(range(28)), False, col_a)
+        held.next_round()
+        held.release()
+        col_a.wait()  # stream a has audio out
+        sched.push(a, list(range(25)), False, col_a)  # a later chunk: its round is never restarted
+        assert held.next_round() == 1
+        sched.push(b, list(range(28)), False, col_b)
+        held.release()
+        assert held.next_round() == 1  # b runs after a's round, alone
+        held.release()
+        col_a.wait(), col_b.wait()
+        sched.push(c, list(range(28)), False, col_c)  # a first chunk whose round ...
+        assert held.next_round() == 1
+        sched.push(b, list(range(25)), False, col_b)  # ... sees only a later chunk arrive: no restart
+        held.release()
+        assert held.next_round() == 1
+        held.release()
+        col_c.wait(), col_b.wait()
+    finally:
+        sched.close()
+    assert [r.kind for r in rounds] == ["stream"] * 5, rounds

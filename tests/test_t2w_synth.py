@@ -216,3 +216,21 @@ def test_voice_setup_is_cached_per_prompt_key(t2w: Token2Wav) -> None:
     a = np.concatenate([t2w.push(s1, codes), t2w.push(s1, [], last=True)])
     b = np.concatenate([t2w.push(s2, codes), t2w.push(s2, [], last=True)])
     assert np.array_equal(a, b)
+
+
+def test_an_interrupted_push_many_leaves_its_streams_as_they_were(t2w: Token2Wav) -> None:
+    from stepaudio2.token2wav.flow import RoundInterrupted
+
+    prompts = [make_prompt(31, 12), make_prompt(32, 20)]
+    codes = [make_codes(33, 60), make_codes(34, 40)]
+    fresh = [t2w.start_stream(p, seed=i) for i, p in enumerate(prompts)]
+    want = t2w.push_many(fresh, codes, [False, False])
+    sessions = [t2w.start_stream(p, seed=i) for i, p in enumerate(prompts)]
+    asked: list[int] = []
+    with pytest.raises(RoundInterrupted, match="step 3"):
+        t2w.push_many(sessions, codes, [False, False], interrupt=lambda k: asked.append(k) or k == 3)
+    assert asked == [0, 1, 2, 3]
+    assert all(s.codes_in == 0 and not s.buffer and s.samples_out == 0 and s.mel_tail is None for s in sessions)
+    got = t2w.push_many(sessions, codes, [False, False], interrupt=lambda k: False)  # the same round, again
+    for g, w in zip(got, want, strict=True):
+        assert g.size > 0 and np.array_equal(g, w)

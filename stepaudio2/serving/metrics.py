@@ -25,6 +25,7 @@ CHUNK_GAP = "stepaudio2_audio_chunk_gap_seconds"  # histogram: time between cons
 UNDERRUNS = "stepaudio2_audio_underruns_total"  # chunks that arrived after the previous audio ran out
 AUDIO_SECONDS = "stepaudio2_audio_generated_seconds_total"  # seconds of 24 kHz audio produced
 T2W_COMPUTE = "stepaudio2_token2wav_compute_seconds_total"  # wall time spent synthesising (RTF = this / audio)
+T2W_RESTARTED = "stepaudio2_token2wav_restarted_rounds_total"  # rounds of first chunks restarted for late joiners
 T2W_ACTIVE = "stepaudio2_token2wav_active_streams"  # gauge: open synthesis streams (server-side state)
 T2W_BATCH = "stepaudio2_token2wav_batch_streams"  # histogram: streams per batched estimator call
 T2W_QUEUE = "stepaudio2_token2wav_queue_depth"  # gauge: chunks waiting for the synthesis loop
@@ -90,6 +91,8 @@ class Token2WavMetrics:
             T2W_ACTIVE: MF(T2W_ACTIVE, "Open synthesis streams (server-side state)", MF.GAUGE),
             T2W_BATCH: MF(T2W_BATCH, "Streams (or offline requests) per batched estimator call", MF.HISTOGRAM),
             T2W_QUEUE: MF(T2W_QUEUE, "Synthesis jobs waiting for the scheduler", MF.GAUGE),
+            T2W_RESTARTED: MF(T2W_RESTARTED, "Rounds of first chunks restarted so that a late first chunk joins them",
+                              MF.COUNTER),
         }
         f = self.families
         self.audio_seconds = f[AUDIO_SECONDS].Metric(labels=labels)
@@ -97,6 +100,7 @@ class Token2WavMetrics:
         self.active = f[T2W_ACTIVE].Metric(labels=labels)
         self.batch = f[T2W_BATCH].Metric(labels=labels, buckets=BATCH_BUCKETS)
         self.queue = f[T2W_QUEUE].Metric(labels=labels)
+        self.restarted_rounds = f[T2W_RESTARTED].Metric(labels=labels)
 
 
 class SpeechDeliveryMetrics:

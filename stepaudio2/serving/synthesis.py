@@ -6,6 +6,11 @@ first audio first, and advances them together with `Token2Wav.push_many`; offlin
 batched with `Token2Wav.offline_many`. Streams are released on their last chunk, on cancel, on error, and after
 `stream_ttl_s` without a push. Results go back through per-job callbacks, so the Triton adapter stays thin and
 this logic is tested in-process.
+
+Late joiners: a round made only of first chunks is restarted when another stream's first chunk arrives during its
+first `JOIN_UNTIL_STEP` Euler steps (at most `MAX_RESTARTS` times in a row), so that chunk joins it instead of
+waiting for the whole round. Concurrent replies reach token2wav a few milliseconds apart (more so through a
+remote front), and a stream that missed a round by that much waited a round longer for its first audio.
 """
 
 from __future__ import annotations
@@ -21,17 +26,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stepaudio2.errors import CapacityError, InvalidInputError
-from stepaudio2.token2wav.flow import PromptLike
+from stepaudio2.token2wav.flow import PromptLike, RoundInterrupted
 from stepaudio2.token2wav.synth import CHUNK_TOKENS, StreamSession, Token2Wav, plan_chunks, sanitize_codes
 
 Done = Callable[[np.ndarray | None, BaseException | None], None]  # (pcm, error): exactly one is set
+
+# A restart costs the steps already run; joining later than this would cost the round's streams more than the
+# late stream saves (the flow runs N_TIMESTEPS = 10 Euler steps per chunk, then the vocoder).
+JOIN_UNTIL_STEP = 4
+MAX_RESTARTS = 2
 
 
 @dataclass
 class RoundStats:
     """One loop round: how many streams had a chunk in the estimator batch, compute time, audio produced."""
 
-    kind: str  # "stream" | "offline"
+    kind: str  # "stream" | "offline" | "restarted" (stopped for late joiners: compute spent, no audio)
     estimator_batch: int
     compute_s: float
     audio_s: float
@@ -83,6 +93,7 @@ class SynthesisScheduler:
         self._offline: deque[_Offline] = deque()
         self._cv = threading.Condition(threading.RLock())  # re-entrant: push() inside hold()
         self._running = True
+        self._restarts = 0  # restarts since the last round that ran to its end
         self._thread = threading.Thread(target=self._loop, name="token2wav-scheduler", daemon=True)
         self._thread.start()
 
@@ -202,15 +213,49 @@ class SynthesisScheduler:
                 self._run_offline(offline)
         self._fail(pending, RuntimeError("token2wav is shutting down"))
 
+    def _chunk_due(self, stream: _Stream, push: _Push) -> bool:
+        return bool(plan_chunks(stream.session.buffer + push.codes, push.last, CHUNK_TOKENS, self.t2w.lookahead)[0])
+
+    def _late_joiner(self, picked: list[tuple[str, _Stream, _Push]]) -> Callable[[int], bool] | None:
+        """For a round of first chunks only: asked before each Euler step, True when another stream's first
+        chunk is waiting and may still join (see JOIN_UNTIL_STEP). None where the round must not restart."""
+        if (self._restarts >= MAX_RESTARTS or len(picked) >= self.max_batch
+                or any(s.session.samples_out > 0 for _, s, _ in picked)):
+            return None
+        in_round = {k for k, _, _ in picked}
+
+        def late_first_chunk_waiting(step: int) -> bool:
+            if step > JOIN_UNTIL_STEP:
+                return False
+            with self._cv:
+                return any(k not in in_round and s.jobs and s.session.samples_out == 0
+                           and self._chunk_due(s, s.jobs[0]) for k, s in self._streams.items())
+
+        return late_first_chunk_waiting
+
+    def _requeue(self, picked: list[tuple[str, _Stream, _Push]]) -> None:
+        """Put a restarted round's pushes back at the head of their streams (cancelled streams fail them)."""
+        gone = []
+        with self._cv:
+            for k, s, j in picked:
+                if self._streams.get(k) is s:
+                    s.jobs.appendleft(j)
+                else:
+                    gone.append(j)
+        self._fail(gone, InvalidInputError("the stream was cancelled"))
+
     def _run_streams(self, picked: list[tuple[str, _Stream, _Push]]) -> None:
-        due = sum(
-            1 for _, s, j in picked
-            if plan_chunks(s.session.buffer + j.codes, j.last, CHUNK_TOKENS, self.t2w.lookahead)[0]
-        )
+        due = sum(1 for _, s, j in picked if self._chunk_due(s, j))
         t0 = time.perf_counter()
         try:
             pcms = self.t2w.push_many([s.session for _, s, _ in picked], [j.codes for _, _, j in picked],
-                                      [j.last for _, _, j in picked])
+                                      [j.last for _, _, j in picked], interrupt=self._late_joiner(picked))
+        except RoundInterrupted:  # nothing changed: the pushes run again, with the late stream
+            self._restarts += 1
+            self._requeue(picked)
+            if self.on_round is not None:
+                self.on_round(RoundStats("restarted", due, time.perf_counter() - t0, 0.0))
+            return
         except BaseException as exc:  # noqa: BLE001 (every caller must hear back; the streams are dropped)
             with self._cv:
                 for k, _, _ in picked:
@@ -219,6 +264,7 @@ class SynthesisScheduler:
                 self._fail([j, *s.jobs], exc)
             return
         compute = time.perf_counter() - t0
+        self._restarts = 0
         with self._cv:
             for k, _, j in picked:
                 if j.last:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +71,11 @@ class FlowEngine(Protocol):
 
 # ---------------------------------------------------------------------------------------------------------------
 # CFM
+
+
+class RoundInterrupted(Exception):
+    """A batched chunk step stopped before its next Euler step because its caller asked (`interrupt`); no stream
+    state changed, so the same chunks can run again (with more streams)."""
 
 
 def cosine_time_grid(n_steps: int, device: torch.device | None = None) -> torch.Tensor:
@@ -400,10 +405,12 @@ class CausalMaskedDiffWithXvec(nn.Module):
         states: Sequence[FlowStreamState],
         chunks: Sequence[Sequence[int] | np.ndarray | torch.Tensor],
         lasts: Sequence[bool],
+        interrupt: Callable[[int], bool] | None = None,
     ) -> list[torch.Tensor]:
         """One chunk for each of several streams: the conformer runs per stream, the estimator once per Euler
         step for all streams together (ragged caches and chunks padded and masked). Each stream's result equals
         running it alone (see tests for the tolerance). States are updated only when the whole step succeeds.
+        `interrupt(k)` is asked before Euler step k; True raises RoundInterrupted (states unchanged).
 
         A non-last chunk needs more than `pre_lookahead_len` codes; a last chunk may be empty (it only ends the
         stream). Returns one mel (mel_bins, frames) per stream."""
@@ -448,7 +455,7 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
         mels: dict[int, torch.Tensor] = {}
         if work:
-            solved = self._solve_chunks([states[i] for i in work], mus, conds)
+            solved = self._solve_chunks([states[i] for i in work], mus, conds, interrupt)
             for i, (mel, (cnn, att_e)) in zip(work, solved, strict=True):
                 st = states[i]
                 updates[i]["estimator_cnn_cache"] = cnn
@@ -466,7 +473,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return out
 
     def _solve_chunks(
-        self, states: Sequence[FlowStreamState], mus: Sequence[torch.Tensor], conds: Sequence[torch.Tensor]
+        self, states: Sequence[FlowStreamState], mus: Sequence[torch.Tensor], conds: Sequence[torch.Tensor],
+        interrupt: Callable[[int], bool] | None = None,
     ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         """Euler-solve one chunk per stream with one batched estimator call per step.
 
@@ -503,6 +511,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
         new_cnn, new_att = [], []
         for k, (t, dt) in enumerate(_euler_dts(N_TIMESTEPS, dev)):
+            if interrupt is not None and interrupt(k):
+                raise RoundInterrupted(f"interrupted before Euler step {k}")
             v, cnn_k, att_k = self.decoder.velocity_chunk(
                 x.repeat_interleave(2, dim=0),
                 mu_in,

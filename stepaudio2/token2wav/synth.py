@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,10 +187,12 @@ class Token2Wav:
         sessions: Sequence[StreamSession],
         codes_list: Sequence[Sequence[int] | np.ndarray],
         lasts: Sequence[bool],
+        interrupt: Callable[[int], bool] | None = None,
     ) -> list[np.ndarray]:
         """`push` for several streams at once: every due chunk goes through `batched_stream_step`, so the flow
         estimator runs once per Euler step for all streams with a chunk ready. Inputs are checked before any
-        stream changes; a stream that fails later must be dropped."""
+        stream changes; a stream that fails later must be dropped. `interrupt(k)` is asked before each Euler
+        step of the first chunk: True raises RoundInterrupted with every stream as it was (push again)."""
         if not (len(sessions) == len(codes_list) == len(lasts)):
             raise InvalidInputError("push_many needs one codes list and one last flag per session")
         if len({id(s) for s in sessions}) != len(sessions):
@@ -206,9 +208,6 @@ class Token2Wav:
             plans.append((clean, chunks, rest))
 
         pieces: list[list[np.ndarray]] = [[] for _ in sessions]
-        for s, (clean, _, rest) in zip(sessions, plans, strict=True):
-            s.codes_in += len(clean)
-            s.buffer = rest
         rounds = max((len(chunks) for _, chunks, _ in plans), default=0)
         for r in range(rounds):
             idx = [i for i, (_, chunks, _) in enumerate(plans) if r < len(chunks)]
@@ -216,12 +215,15 @@ class Token2Wav:
                 [sessions[i].flow for i in idx],
                 [plans[i][1][r][0] for i in idx],
                 [plans[i][1][r][1] for i in idx],
+                interrupt if r == 0 else None,  # later chunks follow changed states: no way back
             )
             vocoded = self._vocode_many([sessions[i] for i in idx], mels, [plans[i][1][r][1] for i in idx])
             for i, wav in zip(idx, vocoded, strict=True):
                 pieces[i].append(wav)
         out = []
-        for s, last, p in zip(sessions, lasts, pieces, strict=True):
+        for s, last, p, (clean, _, rest) in zip(sessions, lasts, pieces, plans, strict=True):
+            s.codes_in += len(clean)
+            s.buffer = rest
             wav = np.concatenate(p) if p else np.zeros(0, dtype=np.float32)
             s.samples_out += wav.size
             s.finished = bool(last)

@@ -1,6 +1,12 @@
 """Triton adapter for token2wav: the dynamic batcher delivers concurrent requests together; their jobs go to the
 core SynthesisScheduler in one atomic step, so one round batches the chunks of all their streams into one
-estimator call per Euler step. execute() returns when every job of the batch is answered.
+estimator call per Euler step.
+
+execute() hands the jobs over and returns at once; each request is answered through its response sender when its
+job is done (one response with the final flag: the model stays non-decoupled, a plain unary call for clients).
+So requests keep arriving while a round runs, and a late stream's first chunk can join a round that has just
+started (SynthesisScheduler restarts it). Every response and metric update goes out on one thread, the
+instance's server thread: this Python backend crashed when several threads of one stub sent at once.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from stepaudio2.serving.metrics import Token2WavMetrics
 from stepaudio2.serving.parameters import ModelParameters
 from stepaudio2.serving.synthesis import RoundStats, SynthesisScheduler
 from stepaudio2.serving.triton_utils import (
+    RequestWorker,
     bytes_tensor,
     bytes_value,
     hold_until_exit,
@@ -25,8 +32,6 @@ from stepaudio2.serving.triton_utils import (
 )
 from stepaudio2.serving.validation import check_prompt_features
 from stepaudio2.token2wav.prompt import VoicePrompt
-
-JOB_TIMEOUT_S = 300.0
 
 
 def _item(request, name: str, required: bool = False) -> np.ndarray | None:
@@ -62,20 +67,6 @@ def _seed(request) -> int:
     return 0 if seed is None or seed.size == 0 else int(seed.reshape(-1)[0])
 
 
-class _Answer:
-    """Collects one job's result from the scheduler thread."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.stream_id: str | None = None  # answered with the pcm: a start that also pushed
-        self.pcm: np.ndarray | None = None
-        self.error: BaseException | None = None
-
-    def __call__(self, pcm: np.ndarray | None, error: BaseException | None) -> None:
-        self.pcm, self.error = pcm, error
-        self.event.set()
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         import torch
@@ -92,6 +83,7 @@ class TritonPythonModel:
         self._warm(t2w, self.flow_cfg)
         self.metrics = Token2WavMetrics(pb_utils, args["model_name"])
         hold_until_exit(self.metrics)  # its teardown crashes this backend's stubs
+        self.server = RequestWorker(_run_logged, "token2wav-server")  # runs the calls it is given, in order
         self.scheduler = SynthesisScheduler(
             t2w,
             batching=params.flag("batching"),
@@ -110,68 +102,103 @@ class TritonPythonModel:
         t2w.offline(np.zeros(8, np.int64), prompt)
         t2w.push(t2w.start_stream(prompt), np.zeros(8, np.int64), last=True)
 
-    def _on_round(self, stats: RoundStats) -> None:
-        self.metrics.batch.observe(stats.estimator_batch)
+    def _on_round(self, stats: RoundStats) -> None:  # scheduler thread
+        self.server.submit(self._record_round, stats)
+
+    def _record_round(self, stats: RoundStats) -> None:  # server thread
         self.metrics.compute_seconds.increment(stats.compute_s)
-        self.metrics.audio_seconds.increment(stats.audio_s)
+        if stats.kind == "restarted":
+            self.metrics.restarted_rounds.increment(1)
+        else:
+            self.metrics.batch.observe(stats.estimator_batch)
+            self.metrics.audio_seconds.increment(stats.audio_s)
         self._gauges()
 
     def _gauges(self) -> None:
         self.metrics.active.set(self.scheduler.active_streams)
         self.metrics.queue.set(self.scheduler.queue_depth)
 
-    def _submit(self, request):
-        """Start the request's work: a finished response, or an _Answer the scheduler will fill."""
+    def _submit(self, request, sender) -> None:
+        """Start the request's work; it is answered through `sender` (now, or when the scheduler is done)."""
         op = _text(request, "op")
         stream_id = _text(request, "stream_id")
         if op == "start":
             prompt, seed = _prompt(request, self.flow_cfg), _seed(request)
             if _item(request, "codes") is None:
                 sid = self.scheduler.start_stream(prompt, seed=seed)
-                return pb_utils.InferenceResponse(output_tensors=[bytes_tensor(pb_utils, "stream_id", sid)])
-            answer = _Answer()  # a start with codes also pushes them, and answers the stream id with the pcm
-            answer.stream_id = self.scheduler.open_stream(prompt, seed, *_codes(request), answer)
-            return answer
+                self._answer(sender, [bytes_tensor(pb_utils, "stream_id", sid)])
+                return
+            # A start with codes also pushes them, and answers the stream id with the pcm. The job cannot run
+            # before open_stream returns the id (execute holds the scheduler); the event makes that explicit.
+            opened: list[str] = []
+            ready = threading.Event()
+
+            def started(pcm, error) -> None:
+                ready.wait()
+                self._done(sender, pcm, error, opened[0] if opened else None)
+
+            try:
+                opened.append(self.scheduler.open_stream(prompt, seed, *_codes(request), started))
+            finally:
+                ready.set()
+            return
         if op == "cancel":
             self.scheduler.cancel(stream_id)  # unknown ids are fine: the stream may have just finished
-            return pb_utils.InferenceResponse(output_tensors=[])
-        answer = _Answer()
+            self._answer(sender, [])
+            return
+        done = lambda pcm, error: self._done(sender, pcm, error)  # noqa: E731
         if op == "push":
             if not stream_id:
                 raise InvalidInputError("op 'push' needs a stream_id")
-            self.scheduler.push(stream_id, *_codes(request), answer)
+            self.scheduler.push(stream_id, *_codes(request), done)
         elif op == "offline":
             codes = _item(request, "codes", True).reshape(-1)
-            self.scheduler.offline(codes, _prompt(request, self.flow_cfg), _seed(request), answer)
+            self.scheduler.offline(codes, _prompt(request, self.flow_cfg), _seed(request), done)
         else:
             raise InvalidInputError(f"unknown op '{op[:32]}' (start, push, cancel or offline)")
-        return answer
 
-    def execute(self, requests: list) -> list:
-        pending: list = []
+    def _done(self, sender, pcm: np.ndarray | None, error: BaseException | None, stream_id: str | None = None
+              ) -> None:
+        """A job's result (scheduler thread): its response goes out on the server thread."""
+        if error is not None:
+            self._fail(sender, error)
+            return
+        outputs = [pb_utils.Tensor("pcm", pcm[None])]
+        if stream_id is not None:
+            outputs.append(bytes_tensor(pb_utils, "stream_id", stream_id))
+        self._answer(sender, outputs)
+
+    def _answer(self, sender, outputs: list) -> None:
+        self.server.submit(_send, sender, pb_utils.InferenceResponse(output_tensors=outputs))
+
+    def _fail(self, sender, exc: BaseException) -> None:
+        self.server.submit(_send, sender, pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+
+    def execute(self, requests: list) -> None:
         with self.scheduler.hold():  # every job of this batch joins the same round
             for request in requests:
+                sender = request.get_response_sender()
                 try:
-                    pending.append(self._submit(request))
+                    self._submit(request, sender)
                 except Exception as exc:
                     log_failure(pb_utils, "token2wav", request, exc)
-                    pending.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
-        self._gauges()
-        responses = []
-        for item in pending:
-            if isinstance(item, _Answer):
-                if not item.event.wait(JOB_TIMEOUT_S):
-                    item.error = TimeoutError(f"synthesis took longer than {JOB_TIMEOUT_S:g} s")
-                if item.error is not None:
-                    item = pb_utils.InferenceResponse(error=triton_error(pb_utils, item.error))
-                else:
-                    outputs = [pb_utils.Tensor("pcm", item.pcm[None])]
-                    if item.stream_id is not None:
-                        outputs.append(bytes_tensor(pb_utils, "stream_id", item.stream_id))
-                    item = pb_utils.InferenceResponse(output_tensors=outputs)
-            responses.append(item)
-        self._gauges()
-        return responses
+                    self._fail(sender, exc)
+        self.server.submit(self._gauges)
+        return None
 
     def finalize(self) -> None:
-        self.scheduler.close()
+        self.scheduler.close()  # fails what is still queued: those answers go out before the server thread stops
+        self.server.close()
+
+
+def _send(sender, response) -> None:
+    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _run_logged(fn, *args) -> None:
+    """One call on the server thread; a failure (say, a send for a request the server already released) is
+    logged and must not stop the thread that answers everyone else."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        log_failure(pb_utils, "token2wav (server thread)", None, exc)
