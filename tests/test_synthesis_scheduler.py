@@ -307,3 +307,22 @@ def test_rounds_with_audio_out_or_late_later_chunks_are_not_restarted(t2w, promp
     finally:
         sched.close()
     assert [r.kind for r in rounds] == ["stream"] * 5, rounds
+
+
+def test_join_until_step_minus_one_never_restarts(t2w, prompt) -> None:
+    rounds: list[RoundStats] = []
+    held = _HeldRounds(t2w)
+    sched = SynthesisScheduler(held, on_round=rounds.append, join_until_step=-1)
+    try:
+        a, b = sched.start_stream(prompt), sched.start_stream(prompt)
+        col_a, col_b = Collector(), Collector()
+        sched.push(a, list(range(28)), False, col_a)
+        assert held.next_round() == 1
+        sched.push(b, list(range(28)), False, col_b)  # late, but restarts are off
+        held.release()
+        assert held.next_round() == 1
+        held.release()
+        col_a.wait(), col_b.wait()
+    finally:
+        sched.close()
+    assert [(r.kind, r.estimator_batch) for r in rounds] == [("stream", 1), ("stream", 1)], rounds

@@ -7,8 +7,8 @@ batched with `Token2Wav.offline_many`. Streams are released on their last chunk,
 `stream_ttl_s` without a push. Results go back through per-job callbacks, so the Triton adapter stays thin and
 this logic is tested in-process.
 
-Late joiners: a round made only of first chunks is restarted when another stream's first chunk arrives during its
-first `JOIN_UNTIL_STEP` Euler steps (at most `MAX_RESTARTS` times in a row), so that chunk joins it instead of
+Late joiners: a round made only of first chunks is restarted when another stream's first chunk arrives before its
+Euler step `join_until_step` + 1 (at most `MAX_RESTARTS` times in a row), so that chunk joins it instead of
 waiting for the whole round. Concurrent replies reach token2wav a few milliseconds apart (more so through a
 remote front), and a stream that missed a round by that much waited a round longer for its first audio.
 """
@@ -34,7 +34,7 @@ Done = Callable[[np.ndarray | None, BaseException | None], None]  # (pcm, error)
 # A restart costs the steps already run; joining later than this would cost the round's streams more than the
 # late stream saves (the flow runs N_TIMESTEPS = 10 Euler steps per chunk, then the vocoder).
 JOIN_UNTIL_STEP = 4
-MAX_RESTARTS = 2
+MAX_RESTARTS = 2  # in a row: a steady trickle of first chunks cannot hold a round back for ever
 
 
 @dataclass
@@ -83,12 +83,14 @@ class SynthesisScheduler:
         stream_ttl_s: float = 120.0,
         max_streams: int = 256,
         on_round: Callable[[RoundStats], None] | None = None,
+        join_until_step: int = JOIN_UNTIL_STEP,
     ) -> None:
         self.t2w = token2wav
         self.max_batch = max_batch if batching else 1
         self.stream_ttl_s = stream_ttl_s
         self.max_streams = max_streams
         self.on_round = on_round
+        self.join_until_step = join_until_step  # < 0: rounds are never restarted
         self._streams: dict[str, _Stream] = {}
         self._offline: deque[_Offline] = deque()
         self._cv = threading.Condition(threading.RLock())  # re-entrant: push() inside hold()
@@ -218,14 +220,14 @@ class SynthesisScheduler:
 
     def _late_joiner(self, picked: list[tuple[str, _Stream, _Push]]) -> Callable[[int], bool] | None:
         """For a round of first chunks only: asked before each Euler step, True when another stream's first
-        chunk is waiting and may still join (see JOIN_UNTIL_STEP). None where the round must not restart."""
-        if (self._restarts >= MAX_RESTARTS or len(picked) >= self.max_batch
+        chunk is waiting and may still join (`join_until_step`). None where the round must not restart."""
+        if (self.join_until_step < 0 or self._restarts >= MAX_RESTARTS or len(picked) >= self.max_batch
                 or any(s.session.samples_out > 0 for _, s, _ in picked)):
             return None
         in_round = {k for k, _, _ in picked}
 
         def late_first_chunk_waiting(step: int) -> bool:
-            if step > JOIN_UNTIL_STEP:
+            if step > self.join_until_step:
                 return False
             with self._cv:
                 return any(k not in in_round and s.jobs and s.session.samples_out == 0

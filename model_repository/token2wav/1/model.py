@@ -90,6 +90,7 @@ class TritonPythonModel:
             max_batch=params.integer("max_batch_streams", minimum=1),
             max_streams=params.integer("max_streams", minimum=1),
             stream_ttl_s=params.number("stream_ttl_s", minimum=0),
+            join_until_step=params.integer("join_until_step", minimum=-1),
             on_round=self._on_round,
         )
 
