@@ -170,10 +170,16 @@ class TritonPythonModel:
         self._answer(sender, outputs)
 
     def _answer(self, sender, outputs: list) -> None:
-        self.server.submit(_send, sender, pb_utils.InferenceResponse(output_tensors=outputs))
+        self.server.submit(self._reply, sender, pb_utils.InferenceResponse(output_tensors=outputs))
 
     def _fail(self, sender, exc: BaseException) -> None:
-        self.server.submit(_send, sender, pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+        self.server.submit(self._reply, sender, pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+
+    def _reply(self, sender, response) -> None:  # server thread
+        # Gauges first: a client that reads the metrics right after its answer (say, after a stream's last
+        # chunk) sees the stream already released, never the state before its own request.
+        self._gauges()
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def execute(self, requests: list) -> None:
         with self.scheduler.hold():  # every job of this batch joins the same round
@@ -190,10 +196,6 @@ class TritonPythonModel:
     def finalize(self) -> None:
         self.scheduler.close()  # fails what is still queued: those answers go out before the server thread stops
         self.server.close()
-
-
-def _send(sender, response) -> None:
-    sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _run_logged(fn, *args) -> None:
