@@ -4,10 +4,11 @@ pool: llm, token2wav, voice_prompt) vs all in one server over BLS; and the laten
 with the embedded store vs Redis (a real redis-server on a free port).
 
     .venv/bin/python bench/split_vs_single.py [--preset small] [--tokens 160] [--levels 1 8] [--runs 3] [--turns 10]
-        [--remote llm token2wav voice_prompt]
+        [--remote llm token2wav voice_prompt] [--set MODEL.KEY=VALUE ...]
 
 `--remote` names the stages the front reaches on the pool (the rest stay on the front, over BLS; default: all
-three, the split chart's layout); one stage remote measures that hop alone.
+three, the split chart's layout); one stage remote measures that hop alone. `--set` (as `stepaudio2 serve --set`)
+applies to every server of both layouts, so a setting is compared under the same configuration in each.
 
 All three servers run at once and each run measures both layouts, in alternating order (see `_alternated`).
 TTFA as in bench/speech_streams.py (client side: first audio chunk received - request sent). Turn-2 latency:
@@ -45,11 +46,15 @@ def _exported(ckpt: Path) -> Path:
     return _EXPORTS[ckpt]
 
 
-def _server(ckpt: Path, models: list[str] | None, remotes: dict[str, str], store: str | None):
+def _server(ckpt: Path, models: list[str] | None, remotes: dict[str, str], store: str | None,
+            settings: dict[str, dict[str, str]]):
     from stepaudio2.serving.launcher import ServerConfig, TritonProcess
     from stepaudio2.serving.topology import topology
 
     params, args = topology(models, remotes, store)
+    for model, values in settings.items():
+        if models is None or model in models:  # only the models this server loads
+            params[model] = {**params.get(model, {}), **values}
     runtime = Path(tempfile.mkdtemp(prefix="stepaudio2-bench-split-"))
     shutil.copytree(_exported(ckpt), runtime / "model_repository")  # the launcher's export is then a no-op
     cfg = ServerConfig(checkpoint=ckpt, runtime=runtime,
@@ -113,23 +118,31 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--remote", nargs="+", default=list(POOL_STAGES), choices=POOL_STAGES)
+    ap.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                    help="a model parameter on every server of both layouts (e.g. llm.stream_interval=4)")
     args = ap.parse_args()
+    from stepaudio2.serving.model_config import parse_setting
+
+    settings: dict[str, dict[str, str]] = {}
+    for text in args.settings:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
     ckpt = checkpoint(args.preset)
     turn2: dict[str, list[float]] = {}
 
     redis_proc, redis_url = _redis()
     servers = []
     try:
-        cfg, single = _server(ckpt, None, {}, None)
+        cfg, single = _server(ckpt, None, {}, None, settings)
         servers.append(single)
         single.start()
         local = [m for m in POOL_STAGES if m not in args.remote]
-        pool_cfg, pool = _server(ckpt, list(args.remote), {}, None)
+        pool_cfg, pool = _server(ckpt, list(args.remote), {}, None, settings)
         servers.append(pool)
         pool.start()
         address = f"127.0.0.1:{pool_cfg.grpc_port}"
         front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder", *local],
-                                   {stage: address for stage in args.remote}, redis_url)
+                                   {stage: address for stage in args.remote}, redis_url, settings)
         servers.append(front)
         front.start()
         urls = {"single": f"127.0.0.1:{cfg.grpc_port}", "split": f"127.0.0.1:{front_cfg.grpc_port}"}
@@ -139,7 +152,7 @@ def main() -> None:
         for server in servers:
             server.stop()
         servers.clear()
-        cfg, single = _server(ckpt, None, {}, redis_url)
+        cfg, single = _server(ckpt, None, {}, redis_url, settings)
         servers.append(single)
         single.start()
         turn2["redis"] = _turn_two(f"127.0.0.1:{cfg.grpc_port}", args.turns)
@@ -149,7 +162,8 @@ def main() -> None:
         redis_proc.terminate()
         redis_proc.wait(10)
 
-    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs} remote={','.join(args.remote)}; "
+    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs} remote={','.join(args.remote)} "
+          f"set={','.join(args.settings) or '-'}; "
           "medians [min .. max] over runs")
     print("| layout | streams | TTFA p50 s | TTFA p95 s | server TTFA p95 s | RTF |")
     print("|---|---|---|---|---|---|")
