@@ -4,8 +4,9 @@
 One `SpeechRoute` per reply, on the pipeline's thread: `feed` takes each AudioCodes event; when the 25 + 3 chunk
 rule makes a chunk due it opens the token2wav stream (first time), pushes the new codes and sends the PCM. The
 LLM keeps generating meanwhile (its tokens wait in the BLS stream), so a chunk costs the text deltas after it one
-synthesis call of delay. The stream opens with its first chunk (token2wav op "start" with codes): one call, so the
-first audio waits for one token2wav queue, not two. `finish` pushes the end of the stream and returns the audio
+synthesis call of delay. The voice prompt is fetched when the first codes arrive, and the stream opens with its
+first chunk (token2wav op "start" with codes): one call, so the first audio waits for one token2wav queue, not
+two, and not for the voice_prompt call. `finish` pushes the end of the stream and returns the audio
 summary of the result; `cancel` releases the server-side stream. (A worker thread would overlap the two, but
 several threads talking to the server from one stub crashed this Triton version's Python backend.)
 Modes: "stream" (chunks as they are ready), "offline" (one synthesis of the whole reply at the end), "none".
@@ -114,6 +115,9 @@ class SpeechRoute:
     def feed(self, codes: list[int]) -> None:
         if self.options.output == "none" or not codes:
             return
+        # The voice prompt is fetched with the first codes, while the LLM goes on to the first chunk's 28th
+        # code, so the first chunk does not wait for that call too (over gRPC on a split, one more hop).
+        self._ensure_prompt()
         self.codes.extend(codes)
         if self.options.output == "stream" and len(self.codes) >= self.next_due:
             while len(self.codes) >= self.next_due:
