@@ -1,13 +1,14 @@
 """Split vs single server on loopback (real tritonservers, gRPC): time to first audio at 1 and 8 voice-chat
-streams when the pipeline reaches every stage over gRPC on a second server (front: pipeline + audio_encoder;
-pool: llm, token2wav, voice_prompt) vs all in one server over BLS; and the latency of a session's second turn
+streams when the pipeline reaches its stages over gRPC on other servers (front: pipeline + audio_encoder;
+pools: llm, token2wav, voice_prompt) vs all in one server over BLS; and the latency of a session's second turn
 with the embedded store vs Redis (a real redis-server on a free port).
 
     .venv/bin/python bench/split_vs_single.py [--preset small] [--tokens 160] [--levels 1 8] [--runs 3] [--turns 10]
-        [--remote llm token2wav voice_prompt] [--set MODEL.KEY=VALUE ...]
+        [--pools llm,token2wav,voice_prompt] [--set MODEL.KEY=VALUE ...]
 
-`--remote` names the stages the front reaches on the pool (the rest stay on the front, over BLS; default: all
-three, the split chart's layout); one stage remote measures that hop alone. `--set` (as `stepaudio2 serve --set`)
+`--pools`: one server per argument, serving the comma-separated stages the front reaches there over gRPC (the
+rest stay on the front, over BLS). Default: one pool with all three; `--pools llm token2wav,voice_prompt` is the
+split chart's layout (an LLM pool and a token2wav pool); `--pools token2wav` measures that hop alone. `--set` (as `stepaudio2 serve --set`)
 applies to every server of both layouts, so a setting is compared under the same configuration in each.
 
 All three servers run at once and each run measures both layouts, in alternating order (see `_alternated`).
@@ -117,7 +118,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--turns", type=int, default=10)
-    ap.add_argument("--remote", nargs="+", default=list(POOL_STAGES), choices=POOL_STAGES)
+    ap.add_argument("--pools", nargs="+", default=[",".join(POOL_STAGES)], metavar="STAGE[,STAGE...]")
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="a model parameter on every server of both layouts (e.g. llm.stream_interval=4)")
     args = ap.parse_args()
@@ -127,6 +128,10 @@ def main() -> None:
     for text in args.settings:
         model, key, value = parse_setting(text)
         settings.setdefault(model, {})[key] = value
+    pools = [[s.strip() for s in group.split(",") if s.strip()] for group in args.pools]
+    named = [s for stages in pools for s in stages]
+    if not named or set(named) - set(POOL_STAGES) or len(named) != len(set(named)):
+        ap.error(f"--pools: each of {', '.join(POOL_STAGES)} at most once, comma-separated per pool")
     ckpt = checkpoint(args.preset)
     turn2: dict[str, list[float]] = {}
 
@@ -136,13 +141,14 @@ def main() -> None:
         cfg, single = _server(ckpt, None, {}, None, settings)
         servers.append(single)
         single.start()
-        local = [m for m in POOL_STAGES if m not in args.remote]
-        pool_cfg, pool = _server(ckpt, list(args.remote), {}, None, settings)
-        servers.append(pool)
-        pool.start()
-        address = f"127.0.0.1:{pool_cfg.grpc_port}"
-        front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder", *local],
-                                   {stage: address for stage in args.remote}, redis_url, settings)
+        remotes: dict[str, str] = {}
+        for stages in pools:
+            pool_cfg, pool = _server(ckpt, stages, {}, None, settings)
+            servers.append(pool)
+            pool.start()
+            remotes.update({stage: f"127.0.0.1:{pool_cfg.grpc_port}" for stage in stages})
+        local = [m for m in POOL_STAGES if m not in remotes]
+        front_cfg, front = _server(ckpt, ["pipeline", "audio_encoder", *local], remotes, redis_url, settings)
         servers.append(front)
         front.start()
         urls = {"single": f"127.0.0.1:{cfg.grpc_port}", "split": f"127.0.0.1:{front_cfg.grpc_port}"}
@@ -162,7 +168,7 @@ def main() -> None:
         redis_proc.terminate()
         redis_proc.wait(10)
 
-    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs} remote={','.join(args.remote)} "
+    print(f"preset={args.preset} max_new_tokens={args.tokens} runs={args.runs} pools={' + '.join(args.pools)} "
           f"set={','.join(args.settings) or '-'}; "
           "medians [min .. max] over runs")
     print("| layout | streams | TTFA p50 s | TTFA p95 s | server TTFA p95 s | RTF |")

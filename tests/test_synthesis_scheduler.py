@@ -252,7 +252,7 @@ def test_a_late_first_chunk_restarts_a_round_of_first_chunks_and_joins_it(t2w, p
     codes = [rng.integers(0, 6561, 28).tolist() for _ in range(4)]
     rounds: list[RoundStats] = []
     held = _HeldRounds(t2w)
-    sched = SynthesisScheduler(held, on_round=rounds.append)
+    sched = SynthesisScheduler(held, on_round=rounds.append, max_restarts=2)
     try:
         ids = [sched.start_stream(prompt, seed=i) for i in range(4)]
         cols = [Collector() for _ in ids]
@@ -265,7 +265,7 @@ def test_a_late_first_chunk_restarts_a_round_of_first_chunks_and_joins_it(t2w, p
         held.release()
         assert held.next_round() == 3  # restarted again (the second and last time in a row)
         sched.push(ids[3], codes[3], False, cols[3])
-        held.release()  # MAX_RESTARTS reached: this round runs to its end without stream 3
+        held.release()  # max_restarts reached: this round runs to its end without stream 3
         assert held.next_round() == 1
         held.release()
         outs = [c.wait() for c in cols]
@@ -326,3 +326,26 @@ def test_join_until_step_minus_one_never_restarts(t2w, prompt) -> None:
     finally:
         sched.close()
     assert [(r.kind, r.estimator_batch) for r in rounds] == [("stream", 1), ("stream", 1)], rounds
+
+
+def test_max_restarts_bounds_the_restarts_in_a_row(t2w, prompt) -> None:
+    rounds: list[RoundStats] = []
+    held = _HeldRounds(t2w)
+    sched = SynthesisScheduler(held, on_round=rounds.append, max_restarts=1)
+    try:
+        ids = [sched.start_stream(prompt, seed=i) for i in range(3)]
+        cols = [Collector() for _ in ids]
+        sched.push(ids[0], list(range(28)), False, cols[0])
+        assert held.next_round() == 1
+        sched.push(ids[1], list(range(28)), False, cols[1])  # late: the one restart allowed
+        held.release()
+        assert held.next_round() == 2
+        sched.push(ids[2], list(range(28)), False, cols[2])  # late again, but the bound is reached
+        held.release()
+        assert held.next_round() == 1
+        held.release()
+        for c in cols:
+            c.wait()
+    finally:
+        sched.close()
+    assert [(r.kind, r.estimator_batch) for r in rounds] == [("restarted", 1), ("stream", 2), ("stream", 1)], rounds

@@ -91,6 +91,7 @@ class TritonPythonModel:
             max_streams=params.integer("max_streams", minimum=1),
             stream_ttl_s=params.number("stream_ttl_s", minimum=0),
             join_until_step=params.integer("join_until_step", minimum=-1),
+            max_restarts=params.integer("max_restarts", minimum=0),
             on_round=self._on_round,
         )
 
