@@ -34,8 +34,8 @@ Done = Callable[[np.ndarray | None, BaseException | None], None]  # (pcm, error)
 # A restart costs the steps already run; joining later than this would cost the round's streams more than the
 # late stream saves (the flow runs N_TIMESTEPS = 10 Euler steps per chunk, then the vocoder).
 JOIN_UNTIL_STEP = 4
-# In a row: a steady trickle of first chunks cannot hold a round back for ever. 2 let a split's eighth stream
-# miss the round by 10 to 30 ms in 3 of 8 traced 8-stream runs; 4 lowered the split's 8-stream p95 (README).
+# In a row: a steady trickle of first chunks cannot hold a round back for ever. With 2, a first chunk missed the
+# round by 0 to 30 ms in 3 of 8 traced 8-stream split rounds; 4 lowered the split's 8-stream p95 (README).
 MAX_RESTARTS = 4
 
 
