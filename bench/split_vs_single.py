@@ -8,10 +8,11 @@ with the embedded store vs Redis (a real redis-server on a free port).
 
 `--pools`: one server per argument, serving the comma-separated stages the front reaches there over gRPC (the
 rest stay on the front, over BLS). Default: one pool with all three; `--pools llm token2wav,voice_prompt` is the
-split chart's layout (an LLM pool and a token2wav pool); `--pools token2wav` measures that hop alone. `--set` (as `stepaudio2 serve --set`)
-applies to every server of both layouts, so a setting is compared under the same configuration in each.
+split chart's layout (an LLM pool and a token2wav pool); `--pools token2wav` measures that hop alone. `--set`
+(as `stepaudio2 serve --set`) applies to every server of both layouts, so a setting is compared under the same
+configuration in each.
 
-All three servers run at once and each run measures both layouts, in alternating order (see `_alternated`).
+All servers run at once and each run measures both layouts, in alternating order (see `_alternated`).
 TTFA as in bench/speech_streams.py (client side: first audio chunk received - request sent). Turn-2 latency:
 wall time of one follow-up request (`session_id` + `text`, 4 new tokens, text reply) after a first turn.
 """
@@ -122,12 +123,9 @@ def main() -> None:
     ap.add_argument("--set", dest="settings", action="append", default=[], metavar="MODEL.KEY=VALUE",
                     help="a model parameter on every server of both layouts (e.g. llm.stream_interval=4)")
     args = ap.parse_args()
-    from stepaudio2.serving.model_config import parse_setting
+    from stepaudio2.serving.model_config import parse_settings
 
-    settings: dict[str, dict[str, str]] = {}
-    for text in args.settings:
-        model, key, value = parse_setting(text)
-        settings.setdefault(model, {})[key] = value
+    settings = parse_settings(args.settings)
     pools = [[s.strip() for s in group.split(",") if s.strip()] for group in args.pools]
     named = [s for stages in pools for s in stages]
     if not named or set(named) - set(POOL_STAGES) or len(named) != len(set(named)):

@@ -172,13 +172,10 @@ def cmd_build_engines(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from stepaudio2.serving.gateway_process import start_gateway
     from stepaudio2.serving.launcher import ServerConfig, check_config
-    from stepaudio2.serving.model_config import parse_setting
+    from stepaudio2.serving.model_config import parse_settings
     from stepaudio2.serving.supervisor import serve_supervised
 
-    settings: dict[str, dict[str, str]] = {}
-    for text in args.settings:
-        model, key, value = parse_setting(text)
-        settings.setdefault(model, {})[key] = value
+    settings = parse_settings(args.settings)
     topology_args = _apply_topology(settings, args)  # --models/--remote/--session-store: refused early too
     probe = ServerConfig(checkpoint=Path(), runtime=Path(args.runtime), model_parameters=settings)
     check_config(probe)  # unknown models/keys fail here, before the checkpoint is built or anything starts

@@ -217,18 +217,14 @@ def _serve_settings(docs: list[dict]) -> list[str]:
 def test_model_parameters_reach_serve_as_set_flags():
     from stepaudio2.cli import build_parser
     from stepaudio2.serving.launcher import ServerConfig, check_config
-    from stepaudio2.serving.model_config import parse_setting
+    from stepaudio2.serving.model_config import parse_settings
 
     params = {"token2wav": {"batching": False, "max_batch_streams": 32}, "pipeline": {"sessions_dir": "/a b/s"}}
     flags = _serve_settings(render({"serve": {"modelParameters": params}}))
     assert sorted(flags) == sorted(["--set=token2wav.batching=false", "--set=token2wav.max_batch_streams=32",
                                     "--set=pipeline.sessions_dir=/a b/s"])
     args = build_parser().parse_args(["serve", *flags])  # the image's entrypoint parses them like this
-    settings: dict[str, dict[str, str]] = {}
-    for text in args.settings:
-        model, key, value = parse_setting(text)
-        settings.setdefault(model, {})[key] = value
-    check_config(ServerConfig(checkpoint=Path(), runtime=Path(), model_parameters=settings))
+    check_config(ServerConfig(checkpoint=Path(), runtime=Path(), model_parameters=parse_settings(args.settings)))
     assert not _serve_settings(render({}))
 
 

@@ -247,32 +247,32 @@ def _first_chunk_alone(t2w, prompt, codes: list[int], seed: int) -> np.ndarray:
     return t2w.push(t2w.start_stream(prompt, seed=seed), codes)
 
 
-def test_a_late_first_chunk_restarts_a_round_of_first_chunks_and_joins_it(t2w, prompt) -> None:
+@pytest.mark.parametrize("max_restarts", [1, 2])
+def test_a_late_first_chunk_restarts_a_round_of_first_chunks_and_joins_it(t2w, prompt, max_restarts: int) -> None:
+    n = max_restarts + 2  # the first stream, one late stream per allowed restart, and one too late
     rng = np.random.default_rng(21)
-    codes = [rng.integers(0, 6561, 28).tolist() for _ in range(4)]
+    codes = [rng.integers(0, 6561, 28).tolist() for _ in range(n)]
     rounds: list[RoundStats] = []
     held = _HeldRounds(t2w)
-    sched = SynthesisScheduler(held, on_round=rounds.append, max_restarts=2)
+    sched = SynthesisScheduler(held, on_round=rounds.append, max_restarts=max_restarts)
     try:
-        ids = [sched.start_stream(prompt, seed=i) for i in range(4)]
+        ids = [sched.start_stream(prompt, seed=i) for i in range(n)]
         cols = [Collector() for _ in ids]
         sched.push(ids[0], codes[0], False, cols[0])
         assert held.next_round() == 1
-        sched.push(ids[1], codes[1], False, cols[1])  # late: arrives while stream 0's round runs
-        held.release()
-        assert held.next_round() == 2  # restarted with both
-        sched.push(ids[2], codes[2], False, cols[2])
-        held.release()
-        assert held.next_round() == 3  # restarted again (the second and last time in a row)
-        sched.push(ids[3], codes[3], False, cols[3])
-        held.release()  # max_restarts reached: this round runs to its end without stream 3
+        for i in range(1, max_restarts + 1):
+            sched.push(ids[i], codes[i], False, cols[i])  # late: arrives while the round runs
+            held.release()
+            assert held.next_round() == i + 1  # restarted with it
+        sched.push(ids[-1], codes[-1], False, cols[-1])
+        held.release()  # max_restarts reached: this round runs to its end without the last stream
         assert held.next_round() == 1
         held.release()
         outs = [c.wait() for c in cols]
     finally:
         sched.close()
     assert [(r.kind, r.estimator_batch) for r in rounds] == [
-        ("restarted", 1), ("restarted", 2), ("stream", 3), ("stream", 1)], rounds
+        *(("restarted", i) for i in range(1, max_restarts + 1)), ("stream", max_restarts + 1), ("stream", 1)], rounds
     for i, out in enumerate(outs):  # a restart changes nothing: each equals its stream alone
         want = _first_chunk_alone(t2w, prompt, codes[i], seed=i)
         assert out.size == want.size > 0
@@ -327,25 +327,3 @@ def test_join_until_step_minus_one_never_restarts(t2w, prompt) -> None:
         sched.close()
     assert [(r.kind, r.estimator_batch) for r in rounds] == [("stream", 1), ("stream", 1)], rounds
 
-
-def test_max_restarts_bounds_the_restarts_in_a_row(t2w, prompt) -> None:
-    rounds: list[RoundStats] = []
-    held = _HeldRounds(t2w)
-    sched = SynthesisScheduler(held, on_round=rounds.append, max_restarts=1)
-    try:
-        ids = [sched.start_stream(prompt, seed=i) for i in range(3)]
-        cols = [Collector() for _ in ids]
-        sched.push(ids[0], list(range(28)), False, cols[0])
-        assert held.next_round() == 1
-        sched.push(ids[1], list(range(28)), False, cols[1])  # late: the one restart allowed
-        held.release()
-        assert held.next_round() == 2
-        sched.push(ids[2], list(range(28)), False, cols[2])  # late again, but the bound is reached
-        held.release()
-        assert held.next_round() == 1
-        held.release()
-        for c in cols:
-            c.wait()
-    finally:
-        sched.close()
-    assert [(r.kind, r.estimator_batch) for r in rounds] == [("restarted", 1), ("stream", 2), ("stream", 1)], rounds

@@ -75,3 +75,12 @@ def parse_setting(text: str) -> tuple[str, str, str]:
     if not sep or not dot or not model or not key:
         raise ConfigError(f"--set {text!r}: expected MODEL.KEY=VALUE (e.g. token2wav.batching=false)")
     return model, key.strip(), value
+
+
+def parse_settings(texts: list[str]) -> dict[str, dict[str, str]]:
+    """Repeated `--set MODEL.KEY=VALUE` -> {model: {key: value}} (a later value for the same key wins)."""
+    settings: dict[str, dict[str, str]] = {}
+    for text in texts:
+        model, key, value = parse_setting(text)
+        settings.setdefault(model, {})[key] = value
+    return settings
