@@ -10,6 +10,7 @@ The tests that stop Redis and the pool come last (pytest runs a module's tests i
 from __future__ import annotations
 
 import json
+import os
 import threading
 import urllib.request
 from pathlib import Path
@@ -200,6 +201,40 @@ def test_concurrent_streams_on_a_front_with_a_remote_llm_each_equal_the_referenc
         assert result["audio_codes"] == want.audio_codes
         pcm = np.concatenate([e["pcm"] for e in events if e["type"] == "audio"])
         np.testing.assert_allclose(pcm, want_pcm, atol=BATCHED_TOL)  # token2wav batched the concurrent chunks
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process below it (the Python-backend stubs, vLLM's engine core)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit():
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def test_servers_share_the_launchers_session_and_lead_their_own_process_group(cluster) -> None:
+    """Three servers on one machine: each in a process group of its own (one killpg stops its whole tree), all in
+    the launcher's session, so with autogroup scheduling they share one scheduling group instead of taking turns
+    as groups (README, "Split vs single benchmark")."""
+    ours = os.getsid(0)
+    autogroup = Path("/proc/self/autogroup")
+    for name, proc in cluster.procs.items():
+        tree = _process_tree(proc.proc.pid)
+        assert len(tree) > 3, (name, tree)  # the server, its stubs (and an engine core where llm is served)
+        for pid in tree:
+            assert os.getpgid(pid) == proc.proc.pid, (name, pid)
+            assert os.getsid(pid) == ours, (name, pid)
+            if autogroup.exists():  # kernels built with CONFIG_SCHED_AUTOGROUP
+                assert Path(f"/proc/{pid}/autogroup").read_text() == autogroup.read_text(), (name, pid)
 
 
 def test_session_turn_two_on_another_replica_continues_the_conversation(cluster, reference) -> None:

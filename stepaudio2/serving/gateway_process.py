@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from stepaudio2.errors import StepAudio2Error
+from stepaudio2.serving.process_group import own_group_kwargs
 
 
 class GatewayProcess:
@@ -27,7 +28,7 @@ class GatewayProcess:
     def start(self, timeout_s: float = 60.0) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the process's lifetime)
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, **own_group_kwargs())
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import stepaudio2
 from stepaudio2.errors import StepAudio2Error
 from stepaudio2.serving import model_config, shm
+from stepaudio2.serving.process_group import own_group_kwargs
 from stepaudio2.serving.protection import protection_args, write_admin_key
 
 # Where the installed `stepaudio2` package lives (site-packages for a wheel, the source root for an editable
@@ -226,7 +227,7 @@ class TritonProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the server's lifetime)
         with _SPAWN_LOCK:
             self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         **own_group_kwargs())
         self.wait_ready(timeout_s)
 
     @property
