@@ -232,6 +232,17 @@ def test_topology_options() -> None:
     assert params == {"pipeline": {"remote_llm": "h:1", "session_store": "redis://r:6379/0"}}
     assert args == ["--model-control-mode=explicit", "--load-model=pipeline", "--load-model=audio_encoder"]
     assert topology(None, {}, None) == ({}, [])
+    # An LLM pool sends several tokens per response over its gRPC hop; an llm next to the pipeline does not.
+    assert topology(["llm"], {}, None)[0] == {"llm": {"stream_interval": "4"}}
+    assert topology(["pipeline", "audio_encoder", "llm"], {"token2wav": "h:1"}, None)[0] == {
+        "pipeline": {"remote_token2wav": "h:1"}}
+    from argparse import Namespace
+
+    from stepaudio2.cli import _apply_topology
+
+    settings = {"llm": {"stream_interval": "1", "max_num_seqs": "8"}}  # `serve --set` values win over the default
+    _apply_topology(settings, Namespace(models="llm", remote=[], session_store=None))
+    assert settings == {"llm": {"stream_interval": "1", "max_num_seqs": "8"}}
     with pytest.raises(InvalidInputError, match="--session-store"):
         topology(None, {}, 'redis://:pa"ss@r:6379/0')
     with pytest.raises(InvalidInputError, match="llm"):

@@ -16,6 +16,10 @@ from stepaudio2.serving.remote_stages import STAGES
 
 MODELS = ("audio_encoder", "llm", "voice_prompt", "token2wav", "pipeline", "generate", "text_generate")
 FRONT_MODELS = ("pipeline", "generate")  # the models that call stages (and hold sessions: pipeline)
+# An LLM pool (the llm served without the models that call it) answers fronts over gRPC, where each response
+# crosses two servers and a connection: 4 tokens per response (vLLM's stream_interval) rather than 1. Split /
+# single TTFA p95 at 1 stream went from x1.19 to x0.98 (README, "Split vs single benchmark"). `--set` wins.
+POOL_STREAM_INTERVAL = "4"
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -61,6 +65,8 @@ def topology(models: list[str] | None, remotes: dict[str, str], session_store: s
         if models is not None and "pipeline" not in models:
             raise InvalidInputError("--session-store needs the pipeline model in --models")
         params.setdefault("pipeline", {})["session_store"] = session_store
+    if models is not None and "llm" in models and not set(models) & set(FRONT_MODELS):
+        params["llm"] = {"stream_interval": POOL_STREAM_INTERVAL}
     args: list[str] = []
     if models is not None:
         # Explicit control: only these models load, but every model's files stay in the runtime repository
