@@ -73,11 +73,14 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
         return err.code, json.loads(err.read())
 
 
+def _triton_text(cfg) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10).read().decode()
+
+
 def _triton_metric(cfg, name: str, required: bool = False) -> float:
     """Sum of the series starting with `name` (0 when a labelled counter has no series yet); `required`: the
     series must be there (a gauge read as 0 because it is missing would prove nothing)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=10).read().decode()
-    lines = [line for line in text.splitlines() if line.startswith(name)]
+    lines = [line for line in _triton_text(cfg).splitlines() if line.startswith(name)]
     assert lines or not required, f"{name} is not on Triton's /metrics"
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
@@ -341,10 +344,13 @@ def test_disconnect_mid_stream_frees_the_triton_stream(gateway, served, long_see
     while time.monotonic() < deadline and not (
             _triton_metric(served, cancelled) > before and _triton_metric(served, 'vllm:num_requests_running{model="llm"}', required=True) == 0):
         time.sleep(0.2)
-    assert _triton_metric(served, cancelled) == before + 1
+    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
+    # On a miss, say which side lost it: did the gateway see the hang-up, and how did the LLM end the request?
+    why = [line for line in text.splitlines() if line.startswith("stepaudio2_gateway_cancelled_total")] + [
+        line for line in _triton_text(served).splitlines() if line.startswith("stepaudio2_llm_requests_finished_total")]
+    assert _triton_metric(served, cancelled) == before + 1, why
     assert _triton_metric(served, 'vllm:num_requests_running{model="llm"}', required=True) == 0
     assert _triton_metric(served, "stepaudio2_token2wav_active_streams", required=True) == 0
-    text = urllib.request.urlopen(f"{gateway.url}/metrics", timeout=10).read().decode()
     assert 'stepaudio2_gateway_cancelled_total{reason="disconnect"} 1.0' in text
 
 
