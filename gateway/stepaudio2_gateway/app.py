@@ -151,19 +151,23 @@ class Gateway:
         n_calls = 0
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for piece in pieces(self.events(call.request, call.audio, voice), params.stop, outcome):
-                if piece.kind == "content":
-                    yield chunk({"content": piece.text})
-                elif piece.kind == "transcript":
-                    yield chunk({"audio": {"id": audio_id, "transcript": piece.text}})
-                elif piece.kind == "audio":
-                    if first_audio:
-                        first_audio = False
-                        self.metrics.ttfa.observe(time.perf_counter() - arrived)
-                    yield chunk({"audio": {"id": audio_id, "data": base64.b64encode(piece.pcm).decode()}})
-                elif piece.kind == "tool_call":
-                    yield chunk({"tool_calls": [{"index": n_calls, **piece.call}]})
-                    n_calls += 1
+            # aclosing: when the client hangs up at a `yield`, the gRPC stream is cancelled now, not whenever the
+            # abandoned generators happen to be collected.
+            async with contextlib.aclosing(pieces(self.events(call.request, call.audio, voice), params.stop,
+                                                  outcome)) as reply:
+                async for piece in reply:
+                    if piece.kind == "content":
+                        yield chunk({"content": piece.text})
+                    elif piece.kind == "transcript":
+                        yield chunk({"audio": {"id": audio_id, "transcript": piece.text}})
+                    elif piece.kind == "audio":
+                        if first_audio:
+                            first_audio = False
+                            self.metrics.ttfa.observe(time.perf_counter() - arrived)
+                        yield chunk({"audio": {"id": audio_id, "data": base64.b64encode(piece.pcm).decode()}})
+                    elif piece.kind == "tool_call":
+                        yield chunk({"tool_calls": [{"index": n_calls, **piece.call}]})
+                        n_calls += 1
             if params.speech and not first_audio:
                 yield chunk({"audio": {"id": audio_id, "expires_at": self._remember(audio_id, outcome)}})
             yield chunk({}, outcome.finish_reason)
@@ -250,11 +254,12 @@ class Gateway:
 
     async def _transcript_stream(self, req: dict, audio: bytes):
         try:
-            async for event in self.events(req, audio):
-                if event.get("type") == "text" and event["text"]:
-                    yield sse({"type": "transcript.text.delta", "delta": event["text"]})
-                elif event.get("type") == "result":
-                    yield sse({"type": "transcript.text.done", "text": event["text"]})
+            async with contextlib.aclosing(self.events(req, audio)) as events:  # a hang-up cancels the stream now
+                async for event in events:
+                    if event.get("type") == "text" and event["text"]:
+                        yield sse({"type": "transcript.text.delta", "delta": event["text"]})
+                    elif event.get("type") == "result":
+                        yield sse({"type": "transcript.text.done", "text": event["text"]})
         except APIError as exc:
             self.metrics.errors.labels(str(exc.status)).inc()
             yield sse(exc.body())
